@@ -1,0 +1,177 @@
+"""Spherical flow matching: noise levels, the slerp path, prediction types and the loss.
+
+Conventions (one everywhere): ``t = 0`` is noise, ``t = 1`` is clean, noise level ``s = 1 - t``.
+``x1 = normalize(target)``, ``x0 = normalize(eps)`` with ``eps ~ N(0, I)`` per token, the path is
+``x_t = slerp(x0, x1, t)`` and the regression target is its time derivative ``u_t``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import sphere
+
+NOISE_SCHEDULES = ("uniform", "cosine", "logit_normal")
+PREDICTION_TYPES = ("velocity", "target", "noise")
+
+
+@dataclass
+class FlowConfig:
+    prediction_type: str = "velocity"
+    noise_schedule: str = "uniform"
+    min_noise_level: float = 0.1
+    max_noise_level: float = 0.9
+    sphere_constraint_weight: float = 0.1
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    # Conversions divide by (1 - t) (target) or t (noise); this floor keeps them finite at the ends.
+    time_eps: float = 1e-2
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"noise_schedule: expected one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}")
+        if not 0.0 <= self.min_noise_level <= self.max_noise_level <= 1.0:
+            raise ValueError(
+                "min_noise_level/max_noise_level: expected 0 <= min <= max <= 1, got "
+                f"{self.min_noise_level}, {self.max_noise_level}"
+            )
+        if self.sphere_constraint_weight < 0:
+            raise ValueError(f"sphere_constraint_weight: expected >= 0, got {self.sphere_constraint_weight}")
+        if self.logit_normal_std <= 0:
+            raise ValueError(f"logit_normal_std: expected > 0, got {self.logit_normal_std}")
+
+
+# Each schedule is a law on s in [0, 1] given by its CDF F and inverse CDF. Sampling inside
+# [min, max] draws u uniformly in [F(min), F(max)] and returns F^{-1}(u): the law truncated to the
+# interval, not squashed into it.
+def _cdf(s: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
+    if cfg.noise_schedule == "uniform":
+        return s
+    if cfg.noise_schedule == "cosine":
+        # s = sin^2(pi u / 2): arcsine law, denser near both ends of the range.
+        return (2.0 / math.pi) * torch.asin(s.clamp(0, 1).sqrt())
+    logit = torch.logit(s.clamp(1e-12, 1 - 1e-12))
+    return torch.special.ndtr((logit - cfg.logit_normal_mean) / cfg.logit_normal_std)
+
+
+def _inverse_cdf(u: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
+    if cfg.noise_schedule == "uniform":
+        return u
+    if cfg.noise_schedule == "cosine":
+        return torch.sin(0.5 * math.pi * u) ** 2
+    z = torch.special.ndtri(u.clamp(1e-12, 1 - 1e-12))
+    return torch.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * z)
+
+
+def sample_noise_level(
+    batch_size: int, cfg: FlowConfig, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """Noise levels ``s [B]`` drawn from ``cfg.noise_schedule`` truncated to ``[min, max]``."""
+    lo = _cdf(torch.tensor(cfg.min_noise_level, dtype=torch.float64), cfg)
+    hi = _cdf(torch.tensor(cfg.max_noise_level, dtype=torch.float64), cfg)
+    u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    s = _inverse_cdf(lo + (hi - lo) * u, cfg)
+    s = s.clamp(cfg.min_noise_level, cfg.max_noise_level)
+    return s.to(device=device, dtype=torch.float32)
+
+
+@dataclass
+class PathSample:
+    x0: torch.Tensor  # noise on the sphere [B, N, D]
+    x1: torch.Tensor  # clean target on the sphere [B, N, D]
+    x_t: torch.Tensor  # point on the path [B, N, D]
+    t: torch.Tensor  # time [B]
+    u_t: torch.Tensor  # velocity target, tangent at x_t [B, N, D]
+
+
+def sample_noise(shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32):
+    """Uniform noise on the sphere per token: ``normalize(N(0, I))``."""
+    eps = torch.randn(shape, generator=generator, dtype=dtype)
+    return sphere.normalize(eps).to(device)
+
+
+def sample_path(
+    target: torch.Tensor,
+    cfg: FlowConfig,
+    generator: torch.Generator | None = None,
+    noise_level: torch.Tensor | None = None,
+) -> PathSample:
+    """Draw noise and a time for each sample of ``target [B, N, D]`` and return the path point.
+
+    Random draws are made on the CPU with ``generator`` (so runs repeat across devices) and moved
+    to ``target``'s device.
+    """
+    b = target.shape[0]
+    x1 = sphere.normalize(target.float())
+    if noise_level is None:
+        noise_level = sample_noise_level(b, cfg, generator)
+    s = noise_level.to(device=target.device, dtype=torch.float32)
+    t = 1.0 - s
+    x0 = sample_noise(target.shape, generator, device=target.device)
+    return PathSample(x0, x1, sphere.slerp(x0, x1, t), t, sphere.slerp_velocity(x0, x1, t))
+
+
+def prediction_to_velocity(
+    pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str, time_eps: float = 1e-2
+) -> torch.Tensor:
+    """Convert a model output into a tangent velocity at ``x_t``.
+
+    velocity: ``P_{x_t} pred``; target: ``log_{x_t}(x1_hat) / (1 - t)``; noise:
+    ``-log_{x_t}(x0_hat) / t`` (``1 - t`` and ``t`` floored at ``time_eps``).
+    """
+    pred = pred.float()
+    t = sphere.broadcast_time(t, x_t)
+    if prediction_type == "velocity":
+        return sphere.project_tangent(x_t, pred)
+    if prediction_type == "target":
+        return sphere.log_map(x_t, sphere.normalize(pred)) / (1.0 - t).clamp_min(time_eps)
+    if prediction_type == "noise":
+        return -sphere.log_map(x_t, sphere.normalize(pred)) / t.clamp_min(time_eps)
+    raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def prediction_to_target(
+    pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str, time_eps: float = 1e-2
+) -> torch.Tensor:
+    """The model's one-evaluation estimate of the clean tokens ``x1`` (the point estimate).
+
+    target: ``normalize(pred)``; velocity: ``exp_{x_t}((1 - t) v)``; noise: the geodesic from the
+    predicted noise through ``x_t`` followed to ``t = 1``.
+    """
+    if prediction_type == "target":
+        return sphere.normalize(pred.float())
+    v = prediction_to_velocity(pred, x_t, t, prediction_type, time_eps)
+    t = sphere.broadcast_time(t, x_t)
+    return sphere.exp_map(x_t, (1.0 - t) * v)
+
+
+def sphere_penalty(pred: torch.Tensor, x_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Per-token penalty ``[B, N]`` keeping raw outputs meaningful on the sphere.
+
+    velocity: squared normal component ``<pred, x_t>^2`` (a velocity must be tangent);
+    target / noise: ``(|pred| - 1)^2`` (a predicted point must be on the sphere).
+    """
+    pred = pred.float()
+    if prediction_type == "velocity":
+        return (pred * x_t).sum(-1) ** 2
+    return (pred.norm(dim=-1) - 1.0) ** 2
+
+
+def flow_loss(pred: torch.Tensor, path: PathSample, cfg: FlowConfig):
+    """Loss and its parts.
+
+    ``mse``: squared error between the tangent velocity implied by ``pred`` and ``u_t``, summed
+    over D (so it reads as a squared angle per unit time) and averaged over tokens.
+    Total: ``mse + sphere_constraint_weight * penalty``.
+    """
+    v = prediction_to_velocity(pred, path.x_t, path.t, cfg.prediction_type, cfg.time_eps)
+    mse = ((v - path.u_t) ** 2).sum(-1)
+    pen = sphere_penalty(pred, path.x_t, cfg.prediction_type)
+    mse, pen = mse.mean(), pen.mean()
+    total = mse + cfg.sphere_constraint_weight * pen
+    return total, {"mse": mse.detach(), "sphere_penalty": pen.detach()}

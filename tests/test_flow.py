@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+
+from blip3o_denoise import flow as F
+from blip3o_denoise import sphere as S
+
+
+def draw(schedule, n=20000, lo=0.0, hi=1.0, **kw):
+    cfg = F.FlowConfig(noise_schedule=schedule, min_noise_level=lo, max_noise_level=hi, **kw)
+    return F.sample_noise_level(n, cfg, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("schedule", F.NOISE_SCHEDULES)
+def test_noise_levels_inside_range(schedule):
+    s = draw(schedule, lo=0.2, hi=0.7)
+    assert s.min() >= 0.2 and s.max() <= 0.7
+    # the truncated law still covers the interval
+    assert s.min() < 0.22 and s.max() > 0.68
+
+
+def test_schedules_have_their_laws():
+    u, c, ln = draw("uniform"), draw("cosine"), draw("logit_normal")
+    # uniform: a quarter of the mass in each quarter
+    assert abs(float((u < 0.25).float().mean()) - 0.25) < 0.02
+    # cosine (arcsine law): P(s < 0.1) = 2/pi asin(sqrt 0.1) ~ 0.205, more mass at the ends
+    assert abs(float((c < 0.1).float().mean()) - 2 / math.pi * math.asin(math.sqrt(0.1))) < 0.02
+    # logit-normal(0, 1): concentrated in the middle; median 0.5
+    assert float(((ln > 0.25) & (ln < 0.75)).float().mean()) > 0.7
+    assert abs(float(ln.median()) - 0.5) < 0.02
+    shifted = draw("logit_normal", logit_normal_mean=1.0)
+    assert abs(float(shifted.median()) - torch.sigmoid(torch.tensor(1.0)).item()) < 0.02
+
+
+def test_bad_config_named():
+    with pytest.raises(ValueError, match="noise_schedule"):
+        F.FlowConfig(noise_schedule="linear")
+    with pytest.raises(ValueError, match="prediction_type"):
+        F.FlowConfig(prediction_type="eps")
+    with pytest.raises(ValueError, match="min_noise_level"):
+        F.FlowConfig(min_noise_level=0.8, max_noise_level=0.2)
+
+
+def test_sample_path_is_on_the_slerp_with_t_dependent_target():
+    target = torch.randn(4, 16, 32) * 3.0
+    cfg = F.FlowConfig()
+    s = torch.tensor([0.1, 0.4, 0.6, 0.9])
+    p = F.sample_path(target, cfg, torch.Generator().manual_seed(1), noise_level=s)
+    assert torch.allclose(p.t, 1 - s)
+    assert torch.allclose(p.x1, S.normalize(target))
+    assert torch.allclose(p.x_t, S.slerp(p.x0, p.x1, p.t))
+    assert torch.allclose(p.u_t, S.slerp_velocity(p.x0, p.x1, p.t))
+    assert S.sphere_violation(p.x0).max() < 1e-5
+
+
+@pytest.mark.parametrize("ptype", F.PREDICTION_TYPES)
+def test_perfect_prediction_converts_to_true_velocity_and_zero_loss(ptype):
+    target = torch.randn(3, 8, 64)
+    cfg = F.FlowConfig(prediction_type=ptype)
+    p = F.sample_path(target, cfg, torch.Generator().manual_seed(2), noise_level=torch.tensor([0.2, 0.5, 0.8]))
+    perfect = {"velocity": p.u_t, "target": p.x1, "noise": p.x0}[ptype]
+    v = F.prediction_to_velocity(perfect, p.x_t, p.t, ptype)
+    assert torch.allclose(v, p.u_t, atol=1e-5)
+    loss, parts = F.flow_loss(perfect, p, cfg)
+    assert loss < 1e-8
+    assert torch.allclose(F.prediction_to_target(perfect, p.x_t, p.t, ptype), p.x1, atol=1e-5)
+
+
+def test_prediction_types_differ_on_the_same_output():
+    target = torch.randn(2, 4, 32)
+    p = F.sample_path(target, F.FlowConfig(), torch.Generator().manual_seed(3))
+    out = torch.randn_like(target)
+    vs = [F.prediction_to_velocity(out, p.x_t, p.t, k) for k in F.PREDICTION_TYPES]
+    assert not torch.allclose(vs[0], vs[1]) and not torch.allclose(vs[1], vs[2])
+    for v in vs:
+        assert (v * p.x_t).sum(-1).abs().max() < 1e-4
+
+
+def test_sphere_penalty_means_something_per_type():
+    target = torch.randn(2, 4, 32)
+    p = F.sample_path(target, F.FlowConfig(), torch.Generator().manual_seed(4))
+    # velocity: a normal component is penalised, the tangent part is not
+    assert F.sphere_penalty(p.u_t, p.x_t, "velocity").max() < 1e-10
+    assert torch.allclose(F.sphere_penalty(p.u_t + 0.5 * p.x_t, p.x_t, "velocity"), torch.full((2, 4), 0.25), atol=1e-5)
+    # target / noise: distance from unit norm
+    assert F.sphere_penalty(p.x1, p.x_t, "target").max() < 1e-10
+    assert torch.allclose(F.sphere_penalty(2 * p.x1, p.x_t, "noise"), torch.ones(2, 4), atol=1e-5)
+
+
+def test_sphere_constraint_weight_changes_loss():
+    target = torch.randn(2, 4, 32)
+    p = F.sample_path(target, F.FlowConfig(), torch.Generator().manual_seed(5))
+    pred = p.u_t + 0.3 * p.x_t
+    l0, parts = F.flow_loss(pred, p, F.FlowConfig(sphere_constraint_weight=0.0))
+    l1, _ = F.flow_loss(pred, p, F.FlowConfig(sphere_constraint_weight=1.0))
+    assert l0 < 1e-8  # projected velocity is exact
+    assert torch.allclose(l1 - l0, parts["sphere_penalty"], atol=1e-6)
+    assert parts["sphere_penalty"] > 0.08
+
+
+def test_loss_gradient_flows():
+    target = torch.randn(2, 4, 16)
+    p = F.sample_path(target, F.FlowConfig(), torch.Generator().manual_seed(6))
+    for k in F.PREDICTION_TYPES:
+        pred = torch.randn(2, 4, 16, requires_grad=True)
+        loss, _ = F.flow_loss(pred, p, F.FlowConfig(prediction_type=k))
+        loss.backward()
+        assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
