@@ -134,3 +134,15 @@ def test_properties_random_shapes(lead, dim, t, seed):
 def test_broadcast_time_rejects_higher_rank():
     with pytest.raises(ValueError):
         S.broadcast_time(torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4))
+
+
+def test_parallel_transport_keeps_norm_tangency_and_maps_geodesic_direction():
+    x, y = unit(4, 6, 128, seed=20), unit(4, 6, 128, seed=21)
+    v = S.project_tangent(x, torch.randn(4, 6, 128))
+    w = S.parallel_transport(x, y, v)
+    assert (w * y).sum(-1).abs().max() < 1e-5
+    assert torch.allclose(w.norm(dim=-1), v.norm(dim=-1), atol=1e-5)
+    # the geodesic's own velocity is carried to the geodesic's velocity at the far end
+    assert torch.allclose(S.parallel_transport(x, y, S.log_map(x, y)), -S.log_map(y, x), atol=1e-5)
+    # round trip
+    assert torch.allclose(S.parallel_transport(y, x, w), v, atol=1e-5)

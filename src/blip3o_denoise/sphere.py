@@ -39,6 +39,7 @@ __all__ = [
     "slerp_velocity",
     "broadcast_time",
     "sphere_violation",
+    "parallel_transport",
 ]
 
 
@@ -113,6 +114,17 @@ def exp_map(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Exponential map ``cos(|v|) x + sin(|v|) v / |v|`` for a tangent ``v`` at unit ``x``."""
     n = v.norm(dim=-1, keepdim=True)
     return torch.cos(n) * x + _sinc(n) * v
+
+
+def parallel_transport(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Move the tangent vector ``v`` at ``x`` to ``y`` along the geodesic, keeping its norm.
+
+    With ``u`` the unit direction from ``x`` toward ``y`` and ``theta`` their angle, the ``u``
+    component turns into the geodesic's direction at ``y`` and the rest is unchanged:
+    ``v - <v, u> (sin(theta) x + (1 - cos(theta)) u)``.
+    """
+    theta, u = _angle_and_direction(x, y)
+    return v - (v * u).sum(-1, keepdim=True) * (torch.sin(theta) * x + (1 - torch.cos(theta)) * u)
 
 
 def slerp(x0: torch.Tensor, x1: torch.Tensor, t) -> torch.Tensor:
