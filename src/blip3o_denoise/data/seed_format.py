@@ -1,0 +1,174 @@
+"""The seed's shard format: ``embeddings_shard_{idx:05d}_{patch_only|cls_patch}.pkl`` + manifest.
+
+Each shard is a dict with ``clip_blip3o_embeddings [n, N, Dc]``, ``eva_blip3o_embeddings
+[n, N, De]`` (float tensors), ``captions`` and ``keys`` (lists of str), plus ``total_samples``,
+``shard_idx``, ``source_tar`` and ``config``. ``embeddings_manifest.json`` sits beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .safe_pickle import FileTensor, MemoryTensor, ShardFormatError, load_shard_file
+
+CLIP_KEY = "clip_blip3o_embeddings"
+EVA_KEY = "eva_blip3o_embeddings"
+SEED_MANIFEST = "embeddings_manifest.json"
+SHARD_PATTERN = re.compile(r"^embeddings_shard_(\d{5,})_(patch_only|cls_patch)\.pkl$")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class Shard:
+    """One shard of paired embeddings, with tensors read on demand (any on-disk format)."""
+
+    path: str
+    clip: FileTensor | MemoryTensor
+    eva: FileTensor | MemoryTensor
+    keys: list
+    captions: list
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.clip.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return self.clip.shape[1]
+
+
+def list_seed_shards(directory: str | os.PathLike) -> list[Path]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: embeddings directory does not exist")
+    found = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := SHARD_PATTERN.match(p.name)))
+    return [p for _, p in found]
+
+
+def read_seed_manifest(directory: str | os.PathLike) -> dict | None:
+    path = Path(directory) / SEED_MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardFormatError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        raise ShardFormatError(f"{path}: expected a JSON object")
+    for key, kind in (("total_shards", int), ("total_samples", int), ("tokens_per_sample", int)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise ShardFormatError(f"{path}: field '{key}' should be {kind.__name__}, got {manifest[key]!r}")
+    return manifest
+
+
+def validate_shard_dict(obj, path: str) -> Shard:
+    """Check the fields, shapes, dtypes and counts of a loaded shard dict; return a :class:`Shard`."""
+    if not isinstance(obj, dict):
+        raise ShardFormatError(f"{path}: expected a dict at the top level, got {type(obj).__name__}")
+    for key in (CLIP_KEY, EVA_KEY):
+        if key not in obj:
+            raise ShardFormatError(f"{path}: missing field '{key}' (found {sorted(map(str, obj))})")
+        t = obj[key]
+        if not isinstance(t, (FileTensor, MemoryTensor)):
+            raise ShardFormatError(f"{path}: field '{key}' should be a tensor, got {type(t).__name__}")
+        if len(t.shape) != 3:
+            raise ShardFormatError(f"{path}: field '{key}' should have shape [n, N, D], got {list(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ShardFormatError(f"{path}: field '{key}' should be a float tensor, got {t.dtype}")
+    clip, eva = obj[CLIP_KEY], obj[EVA_KEY]
+    if clip.shape[0] != eva.shape[0]:
+        raise ShardFormatError(
+            f"{path}: '{CLIP_KEY}' has {clip.shape[0]} samples but '{EVA_KEY}' has {eva.shape[0]}"
+        )
+    if clip.shape[1] != eva.shape[1]:
+        raise ShardFormatError(f"{path}: '{CLIP_KEY}' has {clip.shape[1]} tokens but '{EVA_KEY}' has {eva.shape[1]}")
+    n = clip.shape[0]
+    keys = obj.get("keys")
+    if keys is None:
+        keys = [f"{Path(path).stem}:{i}" for i in range(n)]
+    captions = obj.get("captions") or [""] * n
+    for name, lst in (("keys", keys), ("captions", captions)):
+        if not isinstance(lst, list) or len(lst) != n:
+            raise ShardFormatError(f"{path}: field '{name}' should be a list of {n} strings, got {len(lst) if isinstance(lst, list) else type(lst).__name__}")
+    if "total_samples" in obj and obj["total_samples"] != n:
+        raise ShardFormatError(f"{path}: field 'total_samples' says {obj['total_samples']} but tensors hold {n}")
+    extra = {k: v for k, v in obj.items() if k not in (CLIP_KEY, EVA_KEY, "keys", "captions")}
+    return Shard(path, clip, eva, [str(k) for k in keys], [str(c) for c in captions], extra)
+
+
+def open_seed_shard(path: str | os.PathLike) -> Shard:
+    path = str(path)
+    return validate_shard_dict(load_shard_file(path), path)
+
+
+def check_finite(shard: Shard, chunk: int = 16) -> None:
+    """Raise naming the file, field and sample if any value is NaN or infinite (reads in chunks)."""
+    for name, t in ((CLIP_KEY, shard.clip), (EVA_KEY, shard.eva)):
+        for i in range(0, shard.num_samples, chunk):
+            rows = t.rows(i, min(i + chunk, shard.num_samples))
+            bad = ~torch.isfinite(rows.float()).flatten(1).all(dim=1)
+            if bool(bad.any()):
+                j = i + int(bad.nonzero()[0])
+                raise ShardFormatError(f"{shard.path}: field '{name}' has non-finite values in sample {j} (key {shard.keys[j]!r})")
+
+
+def atomic_write_bytes(path: Path, write_fn) -> None:
+    """Write through a temporary file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def write_seed_shard(
+    directory: str | os.PathLike, shard_idx: int, clip: torch.Tensor, eva: torch.Tensor, keys: list,
+    captions: list, include_cls: bool, source_tar: str = "", config: dict | None = None,
+) -> Path:
+    """Write one shard exactly as the seed's extractor does (``pickle.dump``, highest protocol)."""
+    mode = "cls_patch" if include_cls else "patch_only"
+    path = Path(directory) / f"embeddings_shard_{shard_idx:05d}_{mode}.pkl"
+    obj = {
+        CLIP_KEY: clip.float().contiguous(),
+        EVA_KEY: eva.float().contiguous(),
+        "captions": list(captions),
+        "keys": list(keys),
+        "total_samples": int(clip.shape[0]),
+        "shard_idx": int(shard_idx),
+        "source_tar": source_tar,
+        "config": dict(config or {}),
+    }
+    atomic_write_bytes(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
+    return path
+
+
+def write_seed_manifest(directory: str | os.PathLike, shards: list[dict], tokens: int, include_cls: bool, extra: dict | None = None) -> Path:
+    manifest = {
+        "total_shards": len(shards),
+        "total_samples": sum(s["num_samples"] for s in shards),
+        "tokens_per_sample": tokens,
+        "include_cls": include_cls,
+        "shards": shards,
+    }
+    manifest.update(extra or {})
+    path = Path(directory) / SEED_MANIFEST
+    atomic_write_json(path, manifest)
+    return path
