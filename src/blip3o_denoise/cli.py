@@ -1,0 +1,312 @@
+"""The command line: ``blip3o-denoise {train,evaluate,generate,convert,inspect,make-synthetic,demo}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+HELP = {
+    "task_mode": "eva_denoising (noisy EVA -> EVA, conditioned on EVA) or clip_denoising (noisy CLIP -> CLIP, conditioned on EVA)",
+    "chunked_embeddings_dir": "directory of seed .pkl shards or a converted store",
+    "output_dir": "where checkpoints, metrics.jsonl, results.json and final/ go",
+    "model_size": "preset: micro, tiny, small, base, large",
+    "training_mode": "patch_only (N = g*g; CLS dropped if present) or cls_patch (N = 1 + g*g, data must have CLS)",
+    "batch_size": "samples per step per process (times --gradient_accumulation_steps)",
+    "num_epochs": "passes over the training split (ignored when --max_steps is set)",
+    "learning_rate": "peak AdamW learning rate",
+    "max_grad_norm": "gradient clipping threshold (0 disables clipping; the logged norm is the real one)",
+    "sphere_constraint_weight": "weight of the penalty: normal component of a predicted velocity, or |pred| - 1 for target/noise",
+    "prediction_type": "velocity, target (x1) or noise (x0); all integrate as tangent velocities",
+    "noise_schedule": "law of the noise level s in training: uniform, cosine (arcsine), logit_normal",
+    "min_noise_level": "lowest noise level s = 1 - t drawn in training",
+    "max_noise_level": "highest noise level drawn in training (1.0 is needed for generation from pure noise)",
+    "overfit_test_size": "train on exactly K training samples and report whether their cosine passes 0.8",
+    "max_shards": "read only the first K shards (0 = all)",
+    "debug_mode": "log per-step diagnostics (time range, norms, velocity cosine, grad norm per module) every step",
+    "seed": "seed for the model init, data order, noise and the evaluation",
+    "warmup_steps": "linear learning-rate warmup steps before cosine decay",
+    "weight_decay": "AdamW weight decay (not on norms, biases or the null condition)",
+    "min_lr_ratio": "the cosine decay ends at learning_rate * min_lr_ratio",
+    "eval_every_n_steps": "held-out evaluation period in steps (0 = only at the end)",
+    "save_every_n_steps": "checkpoint period in steps (a checkpoint is always written at the end)",
+    "keep_checkpoints": "how many recent checkpoints to keep",
+    "num_workers": "DataLoader worker processes",
+    "precision": "fp32 or bf16 (autocast; fp32 master weights; RMSNorm in fp32)",
+    "conditioning": "aligned (add projected condition token-wise), cross_attention, or both",
+    "cond_dropout": "probability of training with the null condition (enables classifier-free guidance)",
+    "num_inference_steps": "ODE steps for evaluation and generation",
+    "solver": "euler, heun or midpoint (all step on the sphere with the exponential map)",
+    "resume": "continue from the newest complete checkpoint in --output_dir",
+    "max_steps": "stop after this many optimizer steps (0 = num_epochs worth)",
+    "gradient_accumulation_steps": "micro-batches per optimizer step (no gradient sync on the accumulating ones)",
+    "ema_decay": "EMA decay of the weights; evaluation and final/ use the EMA",
+    "holdout_fraction": "share of samples (by key hash) held out for evaluation, never trained on",
+    "eval_dir": "evaluate on this separate directory instead of the held-out split",
+    "eval_samples": "held-out samples used per evaluation",
+    "log_every_n_steps": "metrics.jsonl period in steps",
+    "max_bad_steps": "stop after this many non-finite steps in a row",
+    "report_to": "none, tensorboard or wandb (besides metrics.jsonl)",
+    "device": "auto (cuda if available), cpu, cuda, cuda:1 ...",
+    "grad_checkpointing": "recompute block activations in the backward pass (less memory)",
+    "compile": "torch.compile the model (slow first steps, faster after)",
+    "hidden_size": "override the preset's hidden width (0 = preset)",
+    "depth": "override the preset's number of blocks (0 = preset)",
+    "num_heads": "override the preset's attention heads (0 = preset)",
+    "num_kv_heads": "override the preset's key/value heads (0 = preset)",
+    "logit_normal_mean": "mean of the logit-normal noise-level law",
+    "logit_normal_std": "std of the logit-normal noise-level law",
+    "progress": "show a progress bar (--no_progress hides it)",
+}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    p.add_argument("--config", default=argparse.SUPPRESS, help="YAML or JSON file of options; flags given here override it")
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else None
+        if f.type in ("bool", bool):
+            if default:
+                p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS, help=HELP[f.name])
+            else:
+                p.add_argument(f"--{f.name}", action="store_true", default=argparse.SUPPRESS, help=HELP[f.name])
+            continue
+        kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=f"{HELP[f.name]} (default: {default})")
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--config {p}: file not found")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {p}: expected a mapping of option names to values")
+    return data
+
+
+def train_config_from_args(ns: argparse.Namespace):
+    from .train import TrainConfig
+
+    given = dict(vars(ns))
+    given.pop("command", None)
+    base = load_config_file(given.pop("config")) if "config" in given else {}
+    where = f"--config {getattr(ns, 'config', '')}" if base else "arguments"
+    return TrainConfig.from_dict({**base, **given}, where)
+
+
+def cmd_train(ns) -> int:
+    from .train import train
+
+    result = train(train_config_from_args(ns))
+    if "overfit_test" in result and not result["overfit_test"]["passed"]:
+        return 3
+    return 0
+
+
+def _load_eval_set(ck_config: dict, directory: str, split: str, holdout_fraction: float | None, max_samples: int):
+    from .data.dataset import Embeddings, PairDataset, split_indices
+
+    emb = Embeddings(directory)
+    tr = ck_config["train"]
+    if split == "all":
+        idx = list(range(len(emb)))
+    else:
+        _, idx = split_indices(emb.keys, tr["holdout_fraction"] if holdout_fraction is None else holdout_fraction)
+    if max_samples:
+        idx = idx[:max_samples]
+    if not idx:
+        raise ValueError(f"{directory}: no samples in the '{split}' split")
+    ds = PairDataset(emb, idx, tr["task_mode"], tr["training_mode"])
+    data = ck_config["data"]
+    if (ds.target_dim, ds.cond_dim, ds.tokens) != (data["target_dim"], data["cond_dim"], data["tokens"]):
+        raise ValueError(
+            f"{directory}: data has target width {ds.target_dim}, condition width {ds.cond_dim}, {ds.tokens} tokens; "
+            f"the model was trained on {data['target_dim']}, {data['cond_dim']}, {data['tokens']}"
+        )
+    return ds
+
+
+def cmd_evaluate(ns) -> int:
+    from .evaluate import evaluate, format_results, mean_direction
+    from .pipeline import Denoiser
+
+    den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
+    cfg = den.config
+    ds = _load_eval_set(cfg, ns.chunked_embeddings_dir, ns.split, ns.holdout_fraction, ns.num_samples)
+    train_mean = None
+    if ns.train_dir or cfg["train"]["chunked_embeddings_dir"]:
+        from .data.dataset import Embeddings, PairDataset, split_indices
+
+        tdir = ns.train_dir or cfg["train"]["chunked_embeddings_dir"]
+        if Path(tdir).is_dir():
+            temb = Embeddings(tdir)
+            tr_idx, _ = split_indices(temb.keys, cfg["train"]["holdout_fraction"])
+            tds = PairDataset(temb, tr_idx[:: max(1, len(tr_idx) // 256)][:256], cfg["train"]["task_mode"], cfg["train"]["training_mode"])
+            train_mean = mean_direction(tds.stack()["target"])
+    levels = tuple(float(x) for x in ns.noise_levels.split(",")) if ns.noise_levels else (0.3, 0.5, 0.7, 0.9)
+    flow = cfg["flow"]
+    result = evaluate(
+        den.model, ds.stack(), flow["prediction_type"], cfg["train"]["task_mode"], flow["min_noise_level"],
+        flow["max_noise_level"], num_steps=ns.num_inference_steps or den.num_steps, solver=ns.solver or den.solver,
+        noise_levels=levels, train_mean=train_mean, seed=ns.seed, guidance=ns.guidance,
+    )
+    result["checkpoint"] = str(ns.checkpoint)
+    result["data"] = {"directory": ns.chunked_embeddings_dir, "split": ns.split}
+    print(format_results(result))
+    print(f"evaluation took {result['seconds']:.1f} s")
+    if ns.output:
+        Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.output).write_text(json.dumps(result, indent=2))
+        print(f"wrote {ns.output}")
+    return 0
+
+
+def cmd_generate(ns) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from .pipeline import Denoiser
+
+    den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
+    ds = _load_eval_set(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.max_samples)
+    outs, keys = [], []
+    for i in range(0, len(ds), ns.batch_size):
+        batch = ds.stack(list(range(i, min(i + ns.batch_size, len(ds)))))
+        outs.append(den.generate(batch["condition"], num_steps=ns.num_steps, guidance=ns.guidance,
+                                 seed=ns.seed + i).cpu())
+        keys += [ds.emb.keys[int(j)] for j in batch["index"]]
+    out = Path(ns.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"embeddings": torch.cat(outs).contiguous()}, str(out),
+              metadata={"keys": json.dumps(keys), "task_mode": den.config["train"]["task_mode"]})
+    print(f"wrote {len(keys)} generated samples to {out}")
+    return 0
+
+
+def cmd_convert(ns) -> int:
+    from .data.store import convert
+
+    m = convert(ns.src, ns.dst, dtype=ns.dtype, chunk=ns.chunk, max_shards=ns.max_shards or None, progress=not ns.no_progress)
+    print(f"{ns.dst}: {m['total_samples']} samples in {len(m['shards'])} shards ({m['dtype']}, N={m['tokens']}, "
+          f"clip {m['clip_dim']}, eva {m['eva_dim']})")
+    return 0
+
+
+def cmd_inspect(ns) -> int:
+    from .data.inspect import inspect_dataset
+
+    report = inspect_dataset(ns.dir, check_values=ns.check_values, verify=ns.verify)
+    print(json.dumps(report, indent=2) if ns.json else report["text"])
+    return 1 if report["failed_shards"] else 0
+
+
+def cmd_make_synthetic(ns) -> int:
+    from .data.synthetic import SyntheticSpec, make_synthetic
+
+    spec = SyntheticSpec(num_samples=ns.num_samples, eva_dim=ns.eva_dim, clip_dim=ns.clip_dim, tokens=ns.tokens,
+                         num_shards=ns.num_shards, seed=ns.seed, target_noise=ns.target_noise)
+    make_synthetic(ns.out, spec, progress=True)
+    print(f"{ns.out}: {spec.num_samples} samples, N={spec.tokens}, eva {spec.eva_dim}, clip {spec.clip_dim}; "
+          f"best achievable point cosine {spec.best_point_cosine:.4f}")
+    return 0
+
+
+def cmd_demo(ns) -> int:
+    from .demo import run_demo
+
+    ok = run_demo(ns.output_dir, quick=ns.quick, seconds=ns.seconds)
+    return 0 if ok else 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blip3o-denoise", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    add_train_arguments(sub.add_parser("train", help="train a model", argument_default=argparse.SUPPRESS))
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out samples beside baselines")
+    e.add_argument("--checkpoint", required=True, help="a run's output directory or a checkpoint directory")
+    e.add_argument("--chunked_embeddings_dir", required=True)
+    e.add_argument("--output", default="", help="write the results JSON here")
+    e.add_argument("--split", choices=("heldout", "all"), default="heldout",
+                   help="heldout: the key-hash held-out split (same rule as training); all: every sample (a separate directory)")
+    e.add_argument("--holdout_fraction", type=float, default=None, help="default: the training run's")
+    e.add_argument("--num_samples", type=int, default=256)
+    e.add_argument("--num_inference_steps", type=int, default=0, help="default: the training run's")
+    e.add_argument("--solver", default="", help="default: the training run's")
+    e.add_argument("--noise_levels", default="0.3,0.5,0.7,0.9")
+    e.add_argument("--guidance", type=float, default=1.0)
+    e.add_argument("--train_dir", default="", help="training data for the mean-direction baseline (default: the run's)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="cpu")
+
+    g = sub.add_parser("generate", help="generate target embeddings for the conditions in a directory")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--chunked_embeddings_dir", required=True)
+    g.add_argument("--output", required=True, help=".safetensors file: 'embeddings' [B, N, D], keys in the metadata")
+    g.add_argument("--split", choices=("heldout", "all"), default="all")
+    g.add_argument("--max_samples", type=int, default=0)
+    g.add_argument("--batch_size", type=int, default=16)
+    g.add_argument("--num_steps", type=int, default=None)
+    g.add_argument("--guidance", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+
+    c = sub.add_parser("convert", help="convert seed .pkl shards into a streaming store")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    c.add_argument("--chunk", type=int, default=16, help="samples held in memory at once")
+    c.add_argument("--max_shards", type=int, default=0)
+    c.add_argument("--no_progress", action="store_true")
+
+    i = sub.add_parser("inspect", help="summarise a dataset directory and list shards that fail validation")
+    i.add_argument("dir")
+    i.add_argument("--check_values", action="store_true", help="read every value to find NaN/inf (slow on big data)")
+    i.add_argument("--verify", action="store_true", help="recompute store checksums")
+    i.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("make-synthetic", help="write synthetic seed-format shards with a known noise floor")
+    m.add_argument("out")
+    m.add_argument("--num_samples", type=int, default=256)
+    m.add_argument("--eva_dim", type=int, default=4096)
+    m.add_argument("--clip_dim", type=int, default=1024)
+    m.add_argument("--tokens", type=int, default=256)
+    m.add_argument("--num_shards", type=int, default=1)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--target_noise", type=float, default=0.25)
+
+    d = sub.add_parser("demo", help="synthetic data -> train a tiny model -> held-out evaluation beside baselines -> plot")
+    d.add_argument("--output_dir", default="demo_output")
+    d.add_argument("--seconds", type=float, default=150.0, help="training time budget")
+    d.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
+    return p
+
+
+COMMANDS = {
+    "train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert,
+    "inspect": cmd_inspect, "make-synthetic": cmd_make_synthetic, "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[ns.command](ns)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

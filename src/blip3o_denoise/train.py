@@ -1,0 +1,645 @@
+"""The training loop: one process or many (torchrun), checkpoints that resume exactly, EMA, evaluation.
+
+Read top to bottom: :class:`TrainConfig` (every flag), :func:`build`, :func:`train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .data.dataset import TASK_MODES, TRAINING_MODES, Embeddings, PairDataset, split_indices
+from .evaluate import DEFAULT_NOISE_LEVELS, evaluate, format_results, mean_direction
+from .flow import NOISE_SCHEDULES, PREDICTION_TYPES, FlowConfig, flow_loss, sample_path
+from .model import CONDITIONING_MODES, PRESETS, UniversalDiT, config_from_preset
+from .sampling import SOLVERS
+
+
+@dataclass
+class TrainConfig:
+    # the seed's flags
+    task_mode: str = "clip_denoising"
+    chunked_embeddings_dir: str = ""
+    output_dir: str = "./checkpoints"
+    model_size: str = "base"
+    training_mode: str = "patch_only"
+    batch_size: int = 8
+    num_epochs: int = 10
+    learning_rate: float = 1e-4
+    max_grad_norm: float = 1.0
+    sphere_constraint_weight: float = 0.1
+    prediction_type: str = "velocity"
+    noise_schedule: str = "uniform"
+    min_noise_level: float = 0.1
+    max_noise_level: float = 0.9
+    overfit_test_size: int = 0
+    max_shards: int = 0
+    debug_mode: bool = False
+    # ours
+    seed: int = 42
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    min_lr_ratio: float = 0.1
+    eval_every_n_steps: int = 500
+    save_every_n_steps: int = 1000
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    precision: str = "fp32"
+    conditioning: str = "aligned"
+    cond_dropout: float = 0.0
+    num_inference_steps: int = 50
+    solver: str = "euler"
+    resume: bool = False
+    max_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    ema_decay: float = 0.999
+    holdout_fraction: float = 0.05
+    eval_dir: str = ""
+    eval_samples: int = 64
+    log_every_n_steps: int = 10
+    max_bad_steps: int = 20
+    report_to: str = "none"
+    device: str = "auto"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    hidden_size: int = 0
+    depth: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    progress: bool = True
+
+    def __post_init__(self):
+        choices = {
+            "task_mode": TASK_MODES, "training_mode": TRAINING_MODES, "model_size": tuple(PRESETS),
+            "prediction_type": PREDICTION_TYPES, "noise_schedule": NOISE_SCHEDULES,
+            "conditioning": CONDITIONING_MODES, "precision": ("fp32", "bf16"), "solver": SOLVERS,
+            "report_to": ("none", "tensorboard", "wandb"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name}: expected one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name in ("batch_size", "num_epochs", "gradient_accumulation_steps", "num_inference_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate: expected > 0, got {self.learning_rate}")
+        self.flow_config()  # validates the noise range and weights
+
+    def flow_config(self) -> FlowConfig:
+        return FlowConfig(
+            prediction_type=self.prediction_type, noise_schedule=self.noise_schedule,
+            min_noise_level=self.min_noise_level, max_noise_level=self.max_noise_level,
+            sphere_constraint_weight=self.sphere_constraint_weight,
+            logit_normal_mean=self.logit_normal_mean, logit_normal_std=self.logit_normal_std,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown option(s) {unknown}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ResumableSampler(DistributedSampler):
+    """torch's DistributedSampler (equal per-rank lengths, per-epoch reshuffle) that can start mid-epoch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def __iter__(self):
+        it = list(super().__iter__())
+        return iter(it[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def _rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(json.dumps(_np_state()).encode(), dtype=np.uint8).copy()),
+        "python": torch.from_numpy(np.frombuffer(json.dumps(random.getstate()[1]).encode(), dtype=np.uint8).copy()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _np_state():
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = json.loads(bytes(state["numpy"].numpy()).decode())
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate((3, tuple(json.loads(bytes(state["python"].numpy()).decode())), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def ema_multi_avg_fn(decay: float):
+    """EMA update with warmup: the decay is ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates.
+
+    A fixed 0.999 would leave the EMA at its random initialisation for the first thousand steps,
+    which makes short runs (and their evaluations) meaningless.
+    """
+
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return update
+
+
+def _unwrap(model):
+    model = model.module if isinstance(model, DDP) else model
+    return getattr(model, "_orig_mod", model)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint is complete once its directory is renamed in)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "config.json").exists())
+
+
+def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, scheduler, state: dict, run_config: dict, keep: int) -> Path:
+    """Write ``checkpoints/step_N`` through a temporary directory renamed into place."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema_n_averaged": ema.n_averaged.detach().cpu(),
+            "rng": _rng_state(),
+            **state,
+        },
+        tmp / "training_state.pt",
+    )
+    (tmp / "config.json").write_text(json.dumps(run_config, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def export_model(out_dir: Path, ema, run_config: dict) -> Path:
+    """Write ``OUTPUT/final``: the EMA weights and the config, what ``Denoiser.from_pretrained`` loads."""
+    final = Path(out_dir) / "final"
+    tmp = Path(out_dir) / f".tmp_final_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(run_config, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+# ----------------------------------------------------------------------------- building
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    device: torch.device
+    train_set: PairDataset
+    eval_set: PairDataset
+    overfit_set: PairDataset | None
+    model: torch.nn.Module
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: ResumableSampler
+    steps_per_epoch: int
+    total_steps: int
+    run_config: dict = field(default_factory=dict)
+
+
+def build(cfg: TrainConfig) -> Run:
+    if not cfg.chunked_embeddings_dir:
+        raise ValueError("--chunked_embeddings_dir is required")
+    device = resolve_device(cfg.device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.manual_seed(cfg.seed)
+    emb = Embeddings(cfg.chunked_embeddings_dir, cfg.max_shards or None)
+    train_idx, held_idx = split_indices(emb.keys, cfg.holdout_fraction)
+    if cfg.eval_dir:
+        eval_emb = Embeddings(cfg.eval_dir)
+        overlap = set(eval_emb.keys) & {emb.keys[i] for i in train_idx}
+        if overlap:
+            raise ValueError(f"--eval_dir {cfg.eval_dir}: {len(overlap)} sample keys also appear in the training split (e.g. {sorted(overlap)[0]!r})")
+        held_idx = list(range(len(eval_emb)))
+    else:
+        eval_emb = emb
+    if not held_idx:
+        raise ValueError(
+            f"{cfg.chunked_embeddings_dir}: no held-out samples (holdout_fraction={cfg.holdout_fraction}, {len(emb)} samples); "
+            "raise --holdout_fraction or pass --eval_dir"
+        )
+    overfit_set = None
+    if cfg.overfit_test_size:
+        if cfg.overfit_test_size > len(train_idx):
+            raise ValueError(f"--overfit_test_size {cfg.overfit_test_size} exceeds the {len(train_idx)} training samples")
+        train_idx = train_idx[: cfg.overfit_test_size]
+    train_set = PairDataset(emb, train_idx, cfg.task_mode, cfg.training_mode)
+    if cfg.overfit_test_size:
+        overfit_set = train_set
+    eval_set = PairDataset(eval_emb, held_idx[: cfg.eval_samples], cfg.task_mode, cfg.training_mode)
+    if (eval_set.target_dim, eval_set.cond_dim, eval_set.tokens) != (train_set.target_dim, train_set.cond_dim, train_set.tokens):
+        raise ValueError(f"--eval_dir {cfg.eval_dir}: widths or token count differ from the training data")
+
+    mcfg = config_from_preset(
+        cfg.model_size, train_set.target_dim, train_set.cond_dim, conditioning=cfg.conditioning,
+        cond_dropout=cfg.cond_dropout, grad_checkpointing=cfg.grad_checkpointing,
+        hidden_size=cfg.hidden_size or None, depth=cfg.depth or None, num_heads=cfg.num_heads or None,
+        num_kv_heads=cfg.num_kv_heads or None,
+    )
+    model = UniversalDiT(mcfg).to(device)
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay))
+    fused = device.type in ("cuda", "cpu")
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or n.endswith("null_cond") else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(0.9, 0.95), fused=fused,
+    )
+    sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False)
+    steps_per_epoch = max(1, math.ceil(sampler.num_samples / cfg.batch_size / cfg.gradient_accumulation_steps))
+    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
+    run_config = {
+        "train": asdict(cfg),
+        "model": mcfg.to_dict(),
+        "flow": asdict(cfg.flow_config()),
+        "data": {
+            "tokens": train_set.tokens, "target_dim": train_set.target_dim, "cond_dim": train_set.cond_dim,
+            "format": emb.format, "num_train": len(train_set), "num_heldout": len(held_idx),
+        },
+    }
+    return Run(cfg, device, train_set, eval_set, overfit_set, model, ema, optimizer, scheduler, sampler,
+               steps_per_epoch, total_steps, run_config)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Reporter:
+    """metrics.jsonl always; TensorBoard or Weights & Biases when asked for (and installed)."""
+
+    def __init__(self, out_dir: Path, report_to: str, config: dict):
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = self.wandb = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError("--report_to tensorboard needs `pip install blip3o-denoise[tensorboard]`") from e
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        elif report_to == "wandb":
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("--report_to wandb needs `pip install blip3o-denoise[wandb]` (WANDB_MODE=offline works)") from e
+            self.wandb = wandb.init(project="blip3o-denoise", config=config, dir=str(out_dir))
+
+    def log(self, record: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in _flatten(record).items() if isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _training_target_mean(train_set: PairDataset, limit: int = 256) -> torch.Tensor:
+    step = max(1, len(train_set) // limit)
+    return mean_direction(train_set.stack(list(range(0, len(train_set), step))[:limit])["target"])
+
+
+def run_evaluation(run: Run, step: int, final: bool = False) -> dict:
+    cfg = run.cfg
+    model = run.ema.module
+    res = evaluate(
+        model, run.eval_set.stack(), cfg.prediction_type, cfg.task_mode, cfg.min_noise_level, cfg.max_noise_level,
+        num_steps=cfg.num_inference_steps, solver=cfg.solver, train_mean=_training_target_mean(run.train_set), seed=cfg.seed,
+        noise_levels=DEFAULT_NOISE_LEVELS if final else ((0.5,) if cfg.max_noise_level >= 1 else (0.5, cfg.max_noise_level)),
+    )
+    res["step"] = step
+    if run.overfit_set is not None:
+        res["overfit_test"] = overfit_check(run, model)
+    return res
+
+
+def overfit_check(run: Run, model) -> dict:
+    """Cosine on the K training samples themselves: from pure noise if trained to level 1, else from the max level."""
+    cfg = run.cfg
+    batch = run.overfit_set.stack()
+    level = 1.0 if cfg.max_noise_level >= 1.0 - 1e-6 else cfg.max_noise_level
+    res = evaluate(model, batch, cfg.prediction_type, cfg.task_mode, cfg.min_noise_level, cfg.max_noise_level,
+                   num_steps=cfg.num_inference_steps, solver=cfg.solver, noise_levels=(level,), seed=cfg.seed)
+    cos = res["generation"]["model"]["cosine_mean"] if level == 1.0 else res["denoising"][f"{level:g}"]["model"]["cosine_mean"]
+    return {"samples": len(run.overfit_set), "noise_level": level, "cosine": cos, "threshold": 0.8, "passed": cos > 0.8}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as configured; return the final evaluation (also written to OUTPUT/results.json)."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    try:
+        return _train(cfg)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig) -> dict:
+    out = Path(cfg.output_dir)
+    if cfg.device == "auto" and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run = build(cfg)
+    main = is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    noise_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    counters = {"skipped_nonfinite": 0}
+
+    if cfg.resume:
+        ckpts = checkpoint_dirs(out)
+        if ckpts:
+            ck = ckpts[-1]
+            _unwrap(run.model).load_state_dict(load_file(str(ck / "model.safetensors")))
+            run.ema.module.load_state_dict(load_file(str(ck / "ema.safetensors")))
+            st = torch.load(ck / "training_state.pt", weights_only=True)
+            run.optimizer.load_state_dict(st["optimizer"])
+            run.scheduler.load_state_dict(st["scheduler"])
+            run.ema.n_averaged.copy_(st["ema_n_averaged"])
+            _set_rng_state(st["rng"])
+            noise_gen.set_state(st["noise_rng"][rank] if st["noise_rng"].dim() > 1 else st["noise_rng"])
+            step, epoch, batch_in_epoch = int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"])
+            counters["skipped_nonfinite"] = int(st.get("skipped_nonfinite", 0))
+            if main:
+                print(f"resumed from {ck} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        elif main:
+            print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+    elif main and checkpoint_dirs(out):
+        raise FileExistsError(f"{out}: holds checkpoints from an earlier run; pass --resume to continue it or choose a new --output_dir")
+
+    model = run.model
+    if dist.is_initialized():
+        model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    flow_cfg = cfg.flow_config()
+    reporter = _Reporter(out, cfg.report_to, run.run_config) if main else None
+    if main:
+        n_params = sum(p.numel() for p in run.model.parameters())
+        print(f"model: {cfg.model_size} ({n_params / 1e6:.2f}M parameters), conditioning={cfg.conditioning}, "
+              f"train samples={len(run.train_set)}, held-out={len(run.eval_set)}, steps={run.total_steps}")
+    autocast = (
+        torch.autocast(run.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    )
+    bar = None
+    if main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    accum = cfg.gradient_accumulation_steps
+    bad_in_a_row = 0
+    t_last, samples_since = time.time(), 0
+    model.train()
+
+    def make_loader(ep: int, skip_batches: int):
+        run.sampler.set_epoch(ep)
+        run.sampler.skip = skip_batches * cfg.batch_size
+        return DataLoader(run.train_set, batch_size=cfg.batch_size, sampler=run.sampler, num_workers=cfg.num_workers,
+                          pin_memory=run.device.type == "cuda", drop_last=False, persistent_workers=False)
+
+    while step < run.total_steps:
+        loader = make_loader(epoch, batch_in_epoch)
+        micro = 0
+        for batch in loader:
+            target = batch["target"].to(run.device, non_blocking=True)
+            cond = batch["condition"].to(run.device, non_blocking=True)
+            path = sample_path(target, flow_cfg, noise_gen)
+            last_micro = micro == accum - 1
+            sync = nullcontext() if (last_micro or not isinstance(model, DDP)) else model.no_sync()
+            with sync:
+                with autocast:
+                    pred = model(path.x_t, path.t, cond)
+                loss, parts = flow_loss(pred, path, flow_cfg)
+                finite = bool(torch.isfinite(loss))
+                if finite:
+                    (loss / accum).backward()
+            micro += 1
+            batch_in_epoch += 1
+            samples_since += target.shape[0]
+            if not last_micro:
+                continue
+            micro = 0
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                run.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            )
+            diag = _diagnostics(run.model, pred, path, flow_cfg) if cfg.debug_mode and main else None
+            if not finite or not bool(torch.isfinite(grad_norm)):
+                run.optimizer.zero_grad(set_to_none=True)
+                counters["skipped_nonfinite"] += 1
+                bad_in_a_row += 1
+                if main:
+                    print(f"step {step}: non-finite {'loss' if not finite else 'gradient'}; update skipped "
+                          f"({counters['skipped_nonfinite']} so far)")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise RuntimeError(
+                        f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping. Lower --learning_rate, "
+                        "keep --max_grad_norm > 0, or check the data with `blip3o-denoise inspect`"
+                    )
+                continue
+            bad_in_a_row = 0
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scheduler.step()
+            run.ema.update_parameters(run.model)
+            step += 1
+
+            if main and (step % cfg.log_every_n_steps == 0 or step == 1 or cfg.debug_mode or step == run.total_steps):
+                now = time.time()
+                world = dist.get_world_size() if dist.is_initialized() else 1
+                record = {
+                    "step": step, "epoch": epoch, "loss": float(loss.detach()), "mse": float(parts["mse"]),
+                    "sphere_penalty": float(parts["sphere_penalty"]), "grad_norm": float(grad_norm),
+                    "lr": run.scheduler.get_last_lr()[0], "samples_per_s": samples_since * world / max(now - t_last, 1e-9),
+                    "skipped_nonfinite": counters["skipped_nonfinite"],
+                }
+                if diag is not None:
+                    record["debug"] = diag
+                reporter.log(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.0f}")
+                if cfg.debug_mode:
+                    print(json.dumps(record))
+                t_last, samples_since = now, 0
+            if bar is not None:
+                bar.update(1)
+            if main and cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0 and step < run.total_steps:
+                last_eval = run_evaluation(run, step)
+                reporter.log({"step": step, "eval": last_eval})
+                (bar.write if bar is not None else print)(f"step {step}\n" + format_results(last_eval))
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < run.total_steps:
+                _save(run, out, step, epoch, batch_in_epoch, noise_gen, counters)
+            if step >= run.total_steps:
+                break
+        else:
+            epoch += 1
+            batch_in_epoch = 0
+            continue
+        break
+
+    if bar is not None:
+        bar.close()
+    _save(run, out, step, epoch, batch_in_epoch, noise_gen, counters)
+    result = {}
+    if main:
+        export_model(out, run.ema, run.run_config)
+        result = run_evaluation(run, step, final=True)
+        result["skipped_nonfinite"] = counters["skipped_nonfinite"]
+        reporter.log({"step": step, "eval": result, "final": True})
+        reporter.close()
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+        print(format_results(result))
+        if "overfit_test" in result:
+            o = result["overfit_test"]
+            print(f"overfit test on {o['samples']} samples (noise level {o['noise_level']:g}): cosine {o['cosine']:.4f} "
+                  f"-> {'PASSED' if o['passed'] else 'FAILED'} (threshold {o['threshold']})")
+    return result
+
+
+def _save(run: Run, out: Path, step: int, epoch: int, batch_in_epoch: int, noise_gen, counters) -> None:
+    states = noise_gen.get_state()
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, states)
+        states = torch.stack(gathered)
+    if is_main():
+        save_checkpoint(out, step, run.model, run.ema, run.optimizer, run.scheduler,
+                        {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "noise_rng": states,
+                         "skipped_nonfinite": counters["skipped_nonfinite"]},
+                        run.run_config, run.cfg.keep_checkpoints)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def _diagnostics(model, pred, path, flow_cfg) -> dict:
+    """Per-step numbers for --debug_mode: where the error is, and whether anything is blowing up."""
+    from .flow import prediction_to_velocity
+
+    v = prediction_to_velocity(pred.detach(), path.x_t, path.t, flow_cfg.prediction_type, flow_cfg.time_eps)
+    cos = torch.nn.functional.cosine_similarity(v.flatten(1), path.u_t.flatten(1), dim=1)
+    grads = {}
+    for name, p in _unwrap(model).named_parameters():
+        if p.grad is not None:
+            top = name.split(".")[0]
+            grads[top] = grads.get(top, 0.0) + float(p.grad.float().pow(2).sum())
+    return {
+        "t_mean": float(path.t.mean()), "t_min": float(path.t.min()), "t_max": float(path.t.max()),
+        "pred_norm_mean": float(pred.detach().float().norm(dim=-1).mean()),
+        "target_velocity_norm_mean": float(path.u_t.norm(dim=-1).mean()),
+        "velocity_cosine_mean": float(cos.mean()),
+        "grad_norm_by_module": {k: math.sqrt(v) for k, v in grads.items()},
+    }
