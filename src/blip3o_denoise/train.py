@@ -508,8 +508,11 @@ def _train(cfg: TrainConfig) -> dict:
     def make_loader(ep: int, skip_batches: int):
         run.sampler.set_epoch(ep)
         run.sampler.skip = skip_batches * cfg.batch_size
+        # The loader gets its own generator: creating an iterator must not draw from the global RNG,
+        # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one.
         return DataLoader(run.train_set, batch_size=cfg.batch_size, sampler=run.sampler, num_workers=cfg.num_workers,
-                          pin_memory=run.device.type == "cuda", drop_last=False, persistent_workers=False)
+                          pin_memory=run.device.type == "cuda", drop_last=False, persistent_workers=False,
+                          generator=torch.Generator().manual_seed(cfg.seed + ep))
 
     while step < run.total_steps:
         loader = make_loader(epoch, batch_in_epoch)
@@ -533,10 +536,10 @@ def _train(cfg: TrainConfig) -> dict:
             if not last_micro:
                 continue
             micro = 0
+            diag = _diagnostics(run.model, pred, path, flow_cfg) if cfg.debug_mode and main else None
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 run.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             )
-            diag = _diagnostics(run.model, pred, path, flow_cfg) if cfg.debug_mode and main else None
             if not finite or not bool(torch.isfinite(grad_norm)):
                 run.optimizer.zero_grad(set_to_none=True)
                 counters["skipped_nonfinite"] += 1
@@ -551,6 +554,7 @@ def _train(cfg: TrainConfig) -> dict:
                     )
                 continue
             bad_in_a_row = 0
+            lr = run.optimizer.param_groups[0]["lr"]
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
@@ -563,7 +567,7 @@ def _train(cfg: TrainConfig) -> dict:
                 record = {
                     "step": step, "epoch": epoch, "loss": float(loss.detach()), "mse": float(parts["mse"]),
                     "sphere_penalty": float(parts["sphere_penalty"]), "grad_norm": float(grad_norm),
-                    "lr": run.scheduler.get_last_lr()[0], "samples_per_s": samples_since * world / max(now - t_last, 1e-9),
+                    "lr": lr, "samples_per_s": samples_since * world / max(now - t_last, 1e-9),
                     "skipped_nonfinite": counters["skipped_nonfinite"],
                 }
                 if diag is not None:

@@ -1,0 +1,248 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from blip3o_denoise.cli import build_parser, main, train_config_from_args
+from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
+from blip3o_denoise.pipeline import Denoiser
+from blip3o_denoise.train import TrainConfig, build, checkpoint_dirs, lr_lambda, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("syn")
+    make_synthetic(d, SyntheticSpec(num_samples=60, eva_dim=32, clip_dim=16, tokens=17, num_shards=2))
+    return d
+
+
+def tiny(data, out, **kw):
+    base = dict(chunked_embeddings_dir=str(data), output_dir=str(out), model_size="micro", batch_size=8,
+                max_steps=6, warmup_steps=2, eval_every_n_steps=0, save_every_n_steps=0, num_inference_steps=4,
+                holdout_fraction=0.2, eval_samples=8, progress=False, log_every_n_steps=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+SEED_FLAGS = {
+    "--task_mode": ("eva_denoising", "task_mode"),
+    "--chunked_embeddings_dir": ("/x", "chunked_embeddings_dir"),
+    "--output_dir": ("/y", "output_dir"),
+    "--model_size": ("small", "model_size"),
+    "--training_mode": ("cls_patch", "training_mode"),
+    "--batch_size": ("4", "batch_size"),
+    "--num_epochs": ("3", "num_epochs"),
+    "--learning_rate": ("0.0003", "learning_rate"),
+    "--max_grad_norm": ("0.5", "max_grad_norm"),
+    "--sphere_constraint_weight": ("0.2", "sphere_constraint_weight"),
+    "--prediction_type": ("target", "prediction_type"),
+    "--noise_schedule": ("cosine", "noise_schedule"),
+    "--min_noise_level": ("0.2", "min_noise_level"),
+    "--max_noise_level": ("0.8", "max_noise_level"),
+    "--overfit_test_size": ("20", "overfit_test_size"),
+    "--max_shards": ("1", "max_shards"),
+    "--seed": ("7", "seed"),
+    "--warmup_steps": ("5", "warmup_steps"),
+    "--weight_decay": ("0.1", "weight_decay"),
+    "--eval_every_n_steps": ("9", "eval_every_n_steps"),
+    "--save_every_n_steps": ("11", "save_every_n_steps"),
+    "--num_workers": ("2", "num_workers"),
+    "--precision": ("bf16", "precision"),
+    "--conditioning": ("both", "conditioning"),
+    "--num_inference_steps": ("13", "num_inference_steps"),
+}
+
+
+def test_every_seed_flag_parses_to_its_option(tmp_path):
+    argv = ["train"]
+    for flag, (value, _) in SEED_FLAGS.items():
+        argv += [flag, value]
+    argv += ["--debug_mode", "--resume"]
+    cfg = train_config_from_args(build_parser().parse_args(argv))
+    default = TrainConfig()
+    for flag, (value, name) in SEED_FLAGS.items():
+        got = getattr(cfg, name)
+        assert str(got) == value or got == type(got)(value), flag
+        assert got != getattr(default, name), f"{flag} equals its default: the test would not see it"
+    assert cfg.debug_mode and cfg.resume
+
+
+def test_config_file_and_flag_override(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("batch_size: 5\nlearning_rate: 0.002\nmodel_size: tiny\n")
+    cfg = train_config_from_args(build_parser().parse_args(["train", "--config", str(yml), "--batch_size", "7"]))
+    assert (cfg.batch_size, cfg.learning_rate, cfg.model_size) == (7, 0.002, "tiny")
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"batch_sise": 3}))
+    with pytest.raises(ValueError, match="batch_sise"):
+        train_config_from_args(build_parser().parse_args(["train", "--config", str(js)]))
+
+
+def test_bad_option_values_are_named():
+    with pytest.raises(ValueError, match="--task_mode"):
+        TrainConfig(task_mode="denoise")
+    with pytest.raises(ValueError, match="min_noise_level"):
+        TrainConfig(min_noise_level=0.9, max_noise_level=0.1)
+    assert main(["train", "--chunked_embeddings_dir", "/nonexistent", "--model_size", "micro", "--no_progress"]) == 2
+
+
+def test_flags_change_what_is_built(data, tmp_path):
+    base = build(tiny(data, tmp_path))
+    assert base.train_set.target_dim == 16 and base.train_set.tokens == 16
+    assert build(tiny(data, tmp_path, task_mode="eva_denoising")).train_set.target_dim == 32
+    assert build(tiny(data, tmp_path, training_mode="cls_patch")).train_set.tokens == 17
+    assert len(build(tiny(data, tmp_path, overfit_test_size=5)).train_set) == 5
+    assert len(build(tiny(data, tmp_path, max_shards=1)).train_set) < len(base.train_set)
+    n_micro = sum(p.numel() for p in base.model.parameters())
+    assert sum(p.numel() for p in build(tiny(data, tmp_path, model_size="tiny")).model.parameters()) > 10 * n_micro
+    cross = build(tiny(data, tmp_path, conditioning="cross_attention"))
+    assert hasattr(cross.model.blocks[0], "cross_attn") and not hasattr(base.model.blocks[0], "cross_attn")
+    r = build(tiny(data, tmp_path, max_steps=0, num_epochs=3, batch_size=4))
+    assert r.total_steps == 3 * r.steps_per_epoch and r.steps_per_epoch == -(-len(r.train_set) // 4)
+    g = base.optimizer.param_groups
+    assert g[0]["weight_decay"] == 0.01 and build(tiny(data, tmp_path, weight_decay=0.3)).optimizer.param_groups[0]["weight_decay"] == 0.3
+    assert build(tiny(data, tmp_path, learning_rate=0.5)).optimizer.param_groups[0]["initial_lr"] == 0.5
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_lambda(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_lambda(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_lambda(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_lambda(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def read_metrics(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_logs_checkpoints_and_debug(data, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny(data, out, debug_mode=True, max_grad_norm=1e-4, save_every_n_steps=3))
+    recs = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert all("debug" in r and "grad_norm_by_module" in r["debug"] for r in recs)
+    # the logged grad norm is the real, unclipped one (much larger than the clip threshold)
+    assert all(r["grad_norm"] > 1e-3 for r in recs)
+    assert recs[1]["lr"] > recs[0]["lr"]  # warmup
+    ck = checkpoint_dirs(out)
+    assert [c.name for c in ck] == ["step_00000003", "step_00000006"]
+    for name in ("model.safetensors", "ema.safetensors", "training_state.pt", "config.json"):
+        assert (ck[-1] / name).exists()
+    state = torch.load(ck[-1] / "training_state.pt", weights_only=True)  # no arbitrary unpickling
+    assert state["step"] == 6
+    assert (out / "final" / "model.safetensors").exists()
+    assert json.loads((out / "results.json").read_text())["step"] == 6
+    # an existing run is not silently overwritten
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny(data, out))
+
+
+def test_clipping_changes_the_update(data, tmp_path):
+    a = train(tiny(data, tmp_path / "a", max_steps=2))
+    b = train(tiny(data, tmp_path / "b", max_steps=2, max_grad_norm=1e-6))
+    wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_is_exact(data, tmp_path, monkeypatch):
+    import blip3o_denoise.train as T
+
+    full = tmp_path / "full"
+    train(tiny(data, full, max_steps=8, save_every_n_steps=4, cond_dropout=0.3, gradient_accumulation_steps=2))
+    part = tmp_path / "part"
+    real_save = T.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        raise Crash(path)
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train(tiny(data, part, max_steps=8, save_every_n_steps=4, cond_dropout=0.3, gradient_accumulation_steps=2))
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    train(tiny(data, part, max_steps=8, save_every_n_steps=4, cond_dropout=0.3, gradient_accumulation_steps=2, resume=True))
+    steps = [r["step"] for r in read_metrics(part) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+    for name in ("model.safetensors", "ema.safetensors"):
+        fa = load_file(str(checkpoint_dirs(full)[-1] / name))
+        fb = load_file(str(checkpoint_dirs(part)[-1] / name))
+        for k in fa:
+            assert torch.equal(fa[k], fb[k]), (name, k)
+    la = [r["loss"] for r in read_metrics(full) if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(part) if "loss" in r]
+    assert la == lb
+
+
+def test_overfit_test_reports_pass_or_fail(data, tmp_path):
+    res = train(tiny(data, tmp_path / "o", overfit_test_size=4, max_steps=3))
+    o = res["overfit_test"]
+    assert o["samples"] == 4 and o["threshold"] == 0.8 and o["passed"] == (o["cosine"] > 0.8)
+
+
+def test_eval_json_schema_and_noise_range(data, tmp_path):
+    res = train(tiny(data, tmp_path / "r", min_noise_level=0.2, max_noise_level=0.6))
+    assert "generation_skipped" in res and "generation" not in res
+    assert set(res["denoising"]) == {"0.3", "0.5"} and res["denoising_skipped_levels"] == [0.7, 0.9]
+    d = res["denoising"]["0.5"]
+    for part in (d["model"], d["point_estimate"], d["baselines"]["identity"]):
+        for k in ("cosine_mean", "cosine_std", "pooled_cosine_mean", "angular_distance_mean",
+                  "sphere_violation_mean", "quality_ratio_0.6", "quality_ratio_0.7", "quality_ratio_0.8", "num_images"):
+            assert k in part
+    res = train(tiny(data, tmp_path / "g", task_mode="eva_denoising", max_noise_level=1.0))
+    assert "quality_ratio_0.9" in res["generation"]["model"]
+    assert "mean_direction" in res["generation"]["baselines"]
+
+
+def test_cli_end_to_end_train_evaluate_generate(data, tmp_path):
+    out = tmp_path / "cli"
+    rc = subprocess.run(
+        [sys.executable, str(ROOT / "train_universal_denoising.py"), "--task_mode", "clip_denoising",
+         "--chunked_embeddings_dir", str(data), "--output_dir", str(out), "--model_size", "micro",
+         "--batch_size", "8", "--num_epochs", "1", "--max_noise_level", "1.0", "--num_inference_steps", "3",
+         "--holdout_fraction", "0.2", "--no_progress"], capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr
+    assert "generation (s=1)" in rc.stdout
+    res_path = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(out), "--chunked_embeddings_dir", str(data), "--output", str(res_path),
+                 "--num_inference_steps", "3", "--noise_levels", "0.5"]) == 0
+    res = json.loads(res_path.read_text())
+    assert set(res["denoising"]) == {"0.5"} and "generation" in res and res["seconds"] >= 0
+    gen_path = tmp_path / "gen.safetensors"
+    assert main(["generate", "--checkpoint", str(out), "--chunked_embeddings_dir", str(data), "--output", str(gen_path),
+                 "--max_samples", "5", "--num_steps", "3"]) == 0
+    with safe_open(str(gen_path), "pt") as f:
+        emb = f.get_tensor("embeddings")
+        keys = json.loads(f.metadata()["keys"])
+    assert emb.shape == (5, 16, 16) and len(keys) == 5
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(5, 16), atol=1e-4)
+
+
+def test_denoiser_api(data, tmp_path):
+    out = tmp_path / "d"
+    train(tiny(data, out, max_noise_level=1.0))
+    den = Denoiser.from_pretrained(out)
+    cond = torch.randn(2, 16, 32)
+    a = den.generate(cond, num_steps=3, seed=1)
+    assert a.shape == (2, 16, 16) and torch.allclose(a.norm(dim=-1), torch.ones(2, 16), atol=1e-4)
+    assert torch.equal(a, den.generate(cond, num_steps=3, seed=1))
+    assert not torch.equal(a, den.generate(cond, num_steps=3, seed=2))
+    d = den.denoise(torch.randn(2, 16, 16), cond, noise_level=0.5, num_steps=3)
+    assert d.shape == (2, 16, 16)
+    with pytest.raises(ValueError, match="cond_dropout"):
+        den.generate(cond, guidance=2.0)
+    out2 = tmp_path / "d2"
+    train(tiny(data, out2, max_noise_level=0.7))
+    with pytest.raises(ValueError, match="max_noise_level 1.0"):
+        Denoiser.from_pretrained(out2).generate(cond)
