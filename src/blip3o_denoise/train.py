@@ -499,7 +499,7 @@ def _train(cfg: TrainConfig) -> dict:
     if main and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     accum = cfg.gradient_accumulation_steps
     bad_in_a_row = 0
     t_last, samples_since = time.time(), 0
