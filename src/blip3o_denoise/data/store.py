@@ -107,7 +107,7 @@ def _write_shard(src: Shard, dst: Path, dtype: torch.dtype, chunk: int, on_rows=
                 f.write(data)
                 digest.update(data)
                 total += len(data)
-                if on_rows is not None:
+                if on_rows is not None and field == EVA_KEY:  # count each sample once
                     on_rows(len(rows))
 
     atomic_write_bytes(dst, write)
