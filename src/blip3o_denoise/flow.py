@@ -100,20 +100,35 @@ def sample_path(
     cfg: FlowConfig,
     generator: torch.Generator | None = None,
     noise_level: torch.Tensor | None = None,
+    sample_seeds: torch.Tensor | None = None,
 ) -> PathSample:
     """Draw noise and a time for each sample of ``target [B, N, D]`` and return the path point.
 
-    Random draws are made on the CPU with ``generator`` (so runs repeat across devices) and moved
-    to ``target``'s device.
+    Random draws are made on the CPU (so runs repeat across devices) and moved to ``target``'s
+    device: from ``generator``, or, with ``sample_seeds [B]``, from one generator per sample, so
+    a sample's noise does not depend on which batch or process it lands in.
     """
     b = target.shape[0]
     x1 = sphere.normalize(target.float())
-    if noise_level is None:
-        noise_level = sample_noise_level(b, cfg, generator)
+    if sample_seeds is not None:
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in sample_seeds]
+        if noise_level is None:
+            noise_level = torch.cat([sample_noise_level(1, cfg, g) for g in gens])
+        x0 = torch.stack([sample_noise(target.shape[1:], g) for g in gens]).to(target.device)
+    else:
+        if noise_level is None:
+            noise_level = sample_noise_level(b, cfg, generator)
+        x0 = sample_noise(target.shape, generator, device=target.device)
     s = noise_level.to(device=target.device, dtype=torch.float32)
     t = 1.0 - s
-    x0 = sample_noise(target.shape, generator, device=target.device)
     return PathSample(x0, x1, sphere.slerp(x0, x1, t), t, sphere.slerp_velocity(x0, x1, t))
+
+
+def sample_seed(run_seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's draws in one epoch (a fixed integer mix, the same everywhere)."""
+    h = (run_seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (1 << 64)
+    h ^= h >> 31
+    return h % (1 << 63)
 
 
 def prediction_to_velocity(

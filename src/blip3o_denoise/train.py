@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .data.dataset import TASK_MODES, TRAINING_MODES, Embeddings, PairDataset, split_indices
 from .evaluate import DEFAULT_NOISE_LEVELS, evaluate, format_results, mean_direction
-from .flow import NOISE_SCHEDULES, PREDICTION_TYPES, FlowConfig, flow_loss, sample_path
+from .flow import NOISE_SCHEDULES, PREDICTION_TYPES, FlowConfig, flow_loss, sample_path, sample_seed
 from .model import CONDITIONING_MODES, PRESETS, UniversalDiT, config_from_preset
 from .sampling import SOLVERS
 
@@ -333,7 +333,15 @@ def build(cfg: TrainConfig) -> Run:
         lr=cfg.learning_rate, betas=(0.9, 0.95), fused=fused,
     )
     sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False)
-    steps_per_epoch = max(1, math.ceil(sampler.num_samples / cfg.batch_size / cfg.gradient_accumulation_steps))
+    # An epoch is a whole number of optimizer steps: leftover micro-batches that cannot fill an
+    # accumulation are dropped for that epoch (the next epoch reshuffles), so no step mixes epochs.
+    micro_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
+    steps_per_epoch = micro_per_epoch // cfg.gradient_accumulation_steps
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{len(train_set)} training samples per process make {micro_per_epoch} batches of {cfg.batch_size}, fewer than "
+            f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}: lower one of them"
+        )
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
@@ -455,8 +463,6 @@ def _train(cfg: TrainConfig) -> dict:
     main = is_main()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    noise_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     step, epoch, batch_in_epoch = 0, 0, 0
     counters = {"skipped_nonfinite": 0}
 
@@ -471,7 +477,6 @@ def _train(cfg: TrainConfig) -> dict:
             run.scheduler.load_state_dict(st["scheduler"])
             run.ema.n_averaged.copy_(st["ema_n_averaged"])
             _set_rng_state(st["rng"])
-            noise_gen.set_state(st["noise_rng"][rank] if st["noise_rng"].dim() > 1 else st["noise_rng"])
             step, epoch, batch_in_epoch = int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"])
             counters["skipped_nonfinite"] = int(st.get("skipped_nonfinite", 0))
             if main:
@@ -518,18 +523,30 @@ def _train(cfg: TrainConfig) -> dict:
         loader = make_loader(epoch, batch_in_epoch)
         micro = 0
         for batch in loader:
+            if batch_in_epoch >= run.steps_per_epoch * accum:
+                break
             target = batch["target"].to(run.device, non_blocking=True)
             cond = batch["condition"].to(run.device, non_blocking=True)
-            path = sample_path(target, flow_cfg, noise_gen)
+            # Noise, noise level and condition dropout of a sample depend only on (seed, epoch,
+            # sample index): the same with 1 or 8 processes, any batch size, and after a resume.
+            seeds = [sample_seed(cfg.seed, epoch, int(i)) for i in batch["index"]]
+            path = sample_path(target, flow_cfg, sample_seeds=seeds)
+            drop = None
+            if cfg.cond_dropout > 0:
+                drop = torch.tensor([float(torch.rand(1, generator=torch.Generator().manual_seed(sd ^ 0x5DEECE66D))) < cfg.cond_dropout
+                                     for sd in seeds], device=run.device)
             last_micro = micro == accum - 1
             sync = nullcontext() if (last_micro or not isinstance(model, DDP)) else model.no_sync()
             with sync:
                 with autocast:
-                    pred = model(path.x_t, path.t, cond)
+                    pred = model(path.x_t, path.t, cond, drop_mask=drop)
                 loss, parts = flow_loss(pred, path, flow_cfg)
                 finite = bool(torch.isfinite(loss))
                 if finite:
                     (loss / accum).backward()
+            # what is logged is the step's loss: the mean over its micro-batches
+            part_sum = torch.stack([loss.detach().float(), parts["mse"].float(), parts["sphere_penalty"].float()]) / accum
+            step_parts = part_sum if micro == 0 else step_parts + part_sum
             micro += 1
             batch_in_epoch += 1
             samples_since += target.shape[0]
@@ -561,12 +578,18 @@ def _train(cfg: TrainConfig) -> dict:
             run.ema.update_parameters(run.model)
             step += 1
 
-            if main and (step % cfg.log_every_n_steps == 0 or step == 1 or cfg.debug_mode or step == run.total_steps):
+            log_now = step % cfg.log_every_n_steps == 0 or step == 1 or cfg.debug_mode or step == run.total_steps
+            if log_now:  # every rank takes part in the averaging, only rank 0 writes
+                logged = step_parts.clone()
+                if dist.is_initialized():
+                    dist.all_reduce(logged)
+                    logged /= dist.get_world_size()
+            if main and log_now:
                 now = time.time()
                 world = dist.get_world_size() if dist.is_initialized() else 1
                 record = {
-                    "step": step, "epoch": epoch, "loss": float(loss.detach()), "mse": float(parts["mse"]),
-                    "sphere_penalty": float(parts["sphere_penalty"]), "grad_norm": float(grad_norm),
+                    "step": step, "epoch": epoch, "loss": float(logged[0]), "mse": float(logged[1]),
+                    "sphere_penalty": float(logged[2]), "grad_norm": float(grad_norm),
                     "lr": lr, "samples_per_s": samples_since * world / max(now - t_last, 1e-9),
                     "skipped_nonfinite": counters["skipped_nonfinite"],
                 }
@@ -585,18 +608,17 @@ def _train(cfg: TrainConfig) -> dict:
                 reporter.log({"step": step, "eval": last_eval})
                 (bar.write if bar is not None else print)(f"step {step}\n" + format_results(last_eval))
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < run.total_steps:
-                _save(run, out, step, epoch, batch_in_epoch, noise_gen, counters)
+                _save(run, out, step, epoch, batch_in_epoch, counters)
             if step >= run.total_steps:
                 break
-        else:
-            epoch += 1
-            batch_in_epoch = 0
-            continue
-        break
+        if step >= run.total_steps:
+            break
+        epoch += 1
+        batch_in_epoch = 0
 
     if bar is not None:
         bar.close()
-    _save(run, out, step, epoch, batch_in_epoch, noise_gen, counters)
+    _save(run, out, step, epoch, batch_in_epoch, counters)
     result = {}
     if main:
         export_model(out, run.ema, run.run_config)
@@ -613,15 +635,10 @@ def _train(cfg: TrainConfig) -> dict:
     return result
 
 
-def _save(run: Run, out: Path, step: int, epoch: int, batch_in_epoch: int, noise_gen, counters) -> None:
-    states = noise_gen.get_state()
-    if dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, states)
-        states = torch.stack(gathered)
+def _save(run: Run, out: Path, step: int, epoch: int, batch_in_epoch: int, counters) -> None:
     if is_main():
         save_checkpoint(out, step, run.model, run.ema, run.optimizer, run.scheduler,
-                        {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "noise_rng": states,
+                        {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                          "skipped_nonfinite": counters["skipped_nonfinite"]},
                         run.run_config, run.cfg.keep_checkpoints)
     if dist.is_initialized():
