@@ -219,9 +219,9 @@ def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, scheduler, 
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
+    for stale in root.glob(".tmp_step_*"):  # left by a process killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}, str(tmp / "model.safetensors"))
     save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
