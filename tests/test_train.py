@@ -213,12 +213,24 @@ def test_cli_end_to_end_train_evaluate_generate(data, tmp_path):
          "--batch_size", "8", "--num_epochs", "1", "--max_noise_level", "1.0", "--num_inference_steps", "3",
          "--holdout_fraction", "0.2", "--no_progress"], capture_output=True, text=True)
     assert rc.returncode == 0, rc.stderr
-    assert "generation (s=1)" in rc.stdout
+    assert "generation from pure noise" in rc.stdout and "dispersion ratio" in rc.stdout
     res_path = tmp_path / "eval.json"
     assert main(["evaluate", "--checkpoint", str(out), "--chunked_embeddings_dir", str(data), "--output", str(res_path),
                  "--num_inference_steps", "3", "--noise_levels", "0.5"]) == 0
     res = json.loads(res_path.read_text())
     assert set(res["denoising"]) == {"0.5"} and "generation" in res and res["seconds"] >= 0
+    g = res["generation"]
+    assert set(g["mean_of_k"]) == {"1", "2", "4", "8"} and "dispersion_ratio" in g and "diversity" in g
+    assert {"mean_direction", "per_position_mean", "ridge"} <= set(g["baselines"])
+    assert {"frechet_distance", "precision", "recall"} <= set(g["distribution"]) and "distribution" in g["baselines"]["ridge"]
+    sweep_path = tmp_path / "sweep.json"
+    assert main(["sweep", "--checkpoint", str(out), "--chunked_embeddings_dir", str(data), "--output", str(sweep_path),
+                 "--steps", "1,3", "--k", "2", "--num_samples", "4"]) == 0
+    sw = json.loads(sweep_path.read_text())
+    assert [r["steps"] for r in sw["rows"]] == [1, 3] and "mean_of_2" in sw["rows"][0]
+    assert sweep_path.with_suffix(".png").stat().st_size > 5000
+    assert main(["sweep", "--checkpoint", str(out), "--chunked_embeddings_dir", str(data), "--output", str(sweep_path),
+                 "--guidance_scales", "1,2"]) == 2  # no condition dropout in training: refused
     gen_path = tmp_path / "gen.safetensors"
     assert main(["generate", "--checkpoint", str(out), "--chunked_embeddings_dir", str(data), "--output", str(gen_path),
                  "--max_samples", "5", "--num_steps", "3"]) == 0

@@ -1,4 +1,4 @@
-"""The command line: ``blip3o-denoise {train,evaluate,generate,convert,inspect,make-synthetic,demo}``."""
+"""The command line: ``blip3o-denoise {train,evaluate,sweep,generate,convert,inspect,make-synthetic,demo}``."""
 
 from __future__ import annotations
 
@@ -136,38 +136,63 @@ def _load_eval_set(ck_config: dict, directory: str, split: str, holdout_fraction
     return ds
 
 
+def _train_split(cfg: dict, train_dir: str):
+    """The training split of a run (for fitting baselines), or None when its data is not here."""
+    from .data.dataset import Embeddings, PairDataset, split_indices
+
+    tdir = train_dir or cfg["train"]["chunked_embeddings_dir"]
+    if not tdir or not Path(tdir).is_dir():
+        return None
+    temb = Embeddings(tdir, cfg["train"].get("max_shards") or None)
+    tr_idx, _ = split_indices(temb.keys, cfg["train"]["holdout_fraction"])
+    return PairDataset(temb, tr_idx, cfg["train"]["task_mode"], cfg["train"]["training_mode"])
+
+
+def _eval_config(ns, den):
+    from .evaluate import EvalConfig
+
+    return EvalConfig(
+        num_steps=ns.num_inference_steps or den.num_steps, solver=ns.solver or den.solver,
+        noise_levels=tuple(float(x) for x in ns.noise_levels.split(",")) if ns.noise_levels else (),
+        sample_counts=tuple(int(k) for k in ns.sample_counts.split(",")), guidance=ns.guidance, seed=ns.seed,
+        distribution=not ns.no_distribution, pca_dim=ns.pca_dim,
+    )
+
+
 def cmd_evaluate(ns) -> int:
-    from .evaluate import evaluate, format_results, mean_direction
+    import time
+
+    from .evaluate import evaluate, fit_baselines, format_results
     from .pipeline import Denoiser
 
+    started = time.time()
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
     cfg = den.config
     ds = _load_eval_set(cfg, ns.chunked_embeddings_dir, ns.split, ns.holdout_fraction, ns.num_samples)
-    train_mean = None
-    if ns.train_dir or cfg["train"]["chunked_embeddings_dir"]:
-        from .data.dataset import Embeddings, PairDataset, split_indices
-
-        tdir = ns.train_dir or cfg["train"]["chunked_embeddings_dir"]
-        if Path(tdir).is_dir():
-            temb = Embeddings(tdir)
-            tr_idx, _ = split_indices(temb.keys, cfg["train"]["holdout_fraction"])
-            tds = PairDataset(temb, tr_idx[:: max(1, len(tr_idx) // 256)][:256], cfg["train"]["task_mode"], cfg["train"]["training_mode"])
-            train_mean = mean_direction(tds.stack()["target"])
-    levels = tuple(float(x) for x in ns.noise_levels.split(",")) if ns.noise_levels else (0.3, 0.5, 0.7, 0.9)
+    batch = ds.stack()  # the held-out samples are read once, for every metric
+    train_set = _train_split(cfg, ns.train_dir)
+    baselines = fit_baselines(train_set, ridge=not ns.no_ridge, pca_dim=ns.pca_dim) if train_set is not None else None
+    if baselines is None:
+        print("note: the training data is not available here (--train_dir): no fitted baselines")
     flow = cfg["flow"]
-    result = evaluate(
-        den.model, ds.stack(), flow["prediction_type"], cfg["train"]["task_mode"], flow["min_noise_level"],
-        flow["max_noise_level"], num_steps=ns.num_inference_steps or den.num_steps, solver=ns.solver or den.solver,
-        noise_levels=levels, train_mean=train_mean, seed=ns.seed, guidance=ns.guidance,
-    )
+    result = evaluate(den.model, batch, flow["prediction_type"], cfg["train"]["task_mode"], flow["min_noise_level"],
+                      flow["max_noise_level"], _eval_config(ns, den), baselines)
     result["checkpoint"] = str(ns.checkpoint)
     result["data"] = {"directory": ns.chunked_embeddings_dir, "split": ns.split}
+    result["total_seconds"] = round(time.time() - started, 2)
     print(format_results(result))
-    print(f"evaluation took {result['seconds']:.1f} s")
+    print(f"evaluation took {result['total_seconds']:.1f} s ({result['seconds']:.1f} s sampling and metrics)")
     if ns.output:
         Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.output).write_text(json.dumps(result, indent=2))
         print(f"wrote {ns.output}")
+    return 0
+
+
+def cmd_sweep(ns) -> int:
+    from .sweep import run_sweep
+
+    run_sweep(ns)
     return 0
 
 
@@ -246,9 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--solver", default="", help="default: the training run's")
     e.add_argument("--noise_levels", default="0.3,0.5,0.7,0.9")
     e.add_argument("--guidance", type=float, default=1.0)
-    e.add_argument("--train_dir", default="", help="training data for the mean-direction baseline (default: the run's)")
+    e.add_argument("--sample_counts", default="1,2,4,8", help="K values for the normalised mean of K generated samples")
+    e.add_argument("--train_dir", default="", help="training data for the fitted baselines (default: the run's)")
+    e.add_argument("--no_ridge", action="store_true", help="skip the ridge baseline")
+    e.add_argument("--no_distribution", action="store_true", help="skip Frechet distance and k-NN precision/recall")
+    e.add_argument("--pca_dim", type=int, default=64, help="PCA dimension of the distribution metrics")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="cpu")
+
+    w = sub.add_parser("sweep", help="cosine (point estimate, single sample, mean of K) against sampling steps and guidance")
+    w.add_argument("--checkpoint", required=True)
+    w.add_argument("--chunked_embeddings_dir", required=True)
+    w.add_argument("--output", required=True, help="JSON file; a PNG plot is written beside it")
+    w.add_argument("--steps", default="1,2,4,10,25,50")
+    w.add_argument("--guidance_scales", default="1", help="e.g. 1,1.5,2,3 (needs a model trained with --cond_dropout)")
+    w.add_argument("--k", type=int, default=4, help="samples per condition for the mean-of-K cosine")
+    w.add_argument("--num_samples", type=int, default=64)
+    w.add_argument("--split", choices=("heldout", "all"), default="heldout")
+    w.add_argument("--solver", default="")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--device", default="cpu")
 
     g = sub.add_parser("generate", help="generate target embeddings for the conditions in a directory")
     g.add_argument("--checkpoint", required=True)
@@ -294,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
-    "train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "convert": cmd_convert,
+    "train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "generate": cmd_generate, "convert": cmd_convert,
     "inspect": cmd_inspect, "make-synthetic": cmd_make_synthetic, "demo": cmd_demo,
 }
 

@@ -157,11 +157,15 @@ class Rope3D(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, h, N, hd]`` in pairs (first half, second half of the head dim)."""
+    """Rotate ``x [B, h, N, hd]`` in pairs (first half, second half of the head dim).
+
+    Angles are computed in float32; the rotation runs in ``x``'s dtype (positions are small grid
+    coordinates, so bf16 cos/sin lose nothing that matters and we avoid two copies per call).
+    """
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 def _sdpa(q, k, v):

@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .data.dataset import TASK_MODES, TRAINING_MODES, Embeddings, PairDataset, split_indices
-from .evaluate import DEFAULT_NOISE_LEVELS, evaluate, format_results, mean_direction
+from .evaluate import Baselines, EvalConfig, evaluate, fit_baselines, format_results
 from .flow import NOISE_SCHEDULES, PREDICTION_TYPES, FlowConfig, flow_loss, sample_path, sample_seed
 from .model import CONDITIONING_MODES, PRESETS, UniversalDiT, config_from_preset
 from .sampling import SOLVERS
@@ -280,6 +280,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     run_config: dict = field(default_factory=dict)
+    light_baselines: Baselines | None = None
 
 
 def build(cfg: TrainConfig) -> Run:
@@ -409,19 +410,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _training_target_mean(train_set: PairDataset, limit: int = 256) -> torch.Tensor:
-    step = max(1, len(train_set) // limit)
-    return mean_direction(train_set.stack(list(range(0, len(train_set), step))[:limit])["target"])
-
-
 def run_evaluation(run: Run, step: int, final: bool = False) -> dict:
+    """Held-out evaluation with the EMA weights: light during training, complete at the end."""
     cfg = run.cfg
     model = run.ema.module
-    res = evaluate(
-        model, run.eval_set.stack(), cfg.prediction_type, cfg.task_mode, cfg.min_noise_level, cfg.max_noise_level,
-        num_steps=cfg.num_inference_steps, solver=cfg.solver, train_mean=_training_target_mean(run.train_set), seed=cfg.seed,
-        noise_levels=DEFAULT_NOISE_LEVELS if final else ((0.5,) if cfg.max_noise_level >= 1 else (0.5, cfg.max_noise_level)),
-    )
+    if final:
+        baselines = fit_baselines(run.train_set, ridge=True)
+        ecfg = EvalConfig(num_steps=cfg.num_inference_steps, solver=cfg.solver, seed=cfg.seed)
+    else:
+        if run.light_baselines is None:
+            run.light_baselines = fit_baselines(run.train_set, max_samples=128, ridge=False)
+        baselines = run.light_baselines
+        levels = (0.5,) if cfg.max_noise_level >= 1 else (0.5, cfg.max_noise_level)
+        ecfg = EvalConfig(num_steps=cfg.num_inference_steps, solver=cfg.solver, seed=cfg.seed, noise_levels=levels,
+                          sample_counts=(1,), distribution=False)
+    res = evaluate(model, run.eval_set.stack(), cfg.prediction_type, cfg.task_mode, cfg.min_noise_level,
+                   cfg.max_noise_level, ecfg, baselines)
     res["step"] = step
     if run.overfit_set is not None:
         res["overfit_test"] = overfit_check(run, model)
@@ -431,10 +435,11 @@ def run_evaluation(run: Run, step: int, final: bool = False) -> dict:
 def overfit_check(run: Run, model) -> dict:
     """Cosine on the K training samples themselves: from pure noise if trained to level 1, else from the max level."""
     cfg = run.cfg
-    batch = run.overfit_set.stack()
     level = 1.0 if cfg.max_noise_level >= 1.0 - 1e-6 else cfg.max_noise_level
-    res = evaluate(model, batch, cfg.prediction_type, cfg.task_mode, cfg.min_noise_level, cfg.max_noise_level,
-                   num_steps=cfg.num_inference_steps, solver=cfg.solver, noise_levels=(level,), seed=cfg.seed)
+    ecfg = EvalConfig(num_steps=cfg.num_inference_steps, solver=cfg.solver, seed=cfg.seed, noise_levels=(level,),
+                      sample_counts=(1,), distribution=False)
+    res = evaluate(model, run.overfit_set.stack(), cfg.prediction_type, cfg.task_mode, cfg.min_noise_level,
+                   cfg.max_noise_level, ecfg)
     cos = res["generation"]["model"]["cosine_mean"] if level == 1.0 else res["denoising"][f"{level:g}"]["model"]["cosine_mean"]
     return {"samples": len(run.overfit_set), "noise_level": level, "cosine": cos, "threshold": 0.8, "passed": cos > 0.8}
 

@@ -1,0 +1,113 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from blip3o_denoise import sphere as S
+from blip3o_denoise.baselines import Ridge, RidgeStats, fit_ridge, solve_ridge
+from blip3o_denoise.distribution import PCABasis, frechet_distance, knn_precision_recall
+from blip3o_denoise.evaluate import (
+    dispersion_ratio, diversity, mean_of_k_cosine, rating, token_metrics,
+)
+
+
+def conditional_world(b=64, n=16, d=256, spread=1.0, seed=0):
+    """x1 = normalize(mu + spread * xi / sqrt(d)) with mu a unit mean per (sample, token): known spread."""
+    g = torch.Generator().manual_seed(seed)
+    mu = S.normalize(torch.randn(b, n, d, generator=g))
+
+    def draw():
+        return S.normalize(mu + spread * torch.randn(b, n, d, generator=g) / math.sqrt(d))
+
+    return mu, draw
+
+
+def test_exact_sampler_has_dispersion_ratio_near_one_and_collapsed_sampler_above():
+    mu, draw = conditional_world(spread=1.0)
+    target = draw()
+    samples = torch.stack([draw() for _ in range(8)])  # exact: draws from the true conditional
+    # m = E[x1 | c]: estimated by a large average; its direction is the best point estimate
+    m = torch.stack([draw() for _ in range(400)]).mean(0)
+    point = S.normalize(m)
+    single = token_metrics(samples[0], target)["cosine_mean"]
+    point_cos = token_metrics(point, target)["cosine_mean"]
+    m_norm = float(m.norm(dim=-1).mean())
+    # theory: single ~ |m|^2, point ~ |m|, mean of K ~ |m|^2 / sqrt(|m|^2 + (1 - |m|^2) / K)
+    assert abs(single - m_norm**2) < 0.02 and abs(point_cos - m_norm) < 0.02
+    k4 = m_norm**2 / math.sqrt(m_norm**2 + (1 - m_norm**2) / 4)
+    assert abs(mean_of_k_cosine(samples, target, 4) - k4) < 0.02
+    calibrated = dispersion_ratio(single, point_cos)
+    assert abs(calibrated - 1.0) < 0.05
+    collapsed = torch.stack([point] * 8)
+    collapsed_ratio = dispersion_ratio(token_metrics(collapsed[0], target)["cosine_mean"], point_cos)
+    assert collapsed_ratio > 1.3
+    assert diversity(collapsed) > 0.999 and diversity(samples) < 0.6
+
+
+def test_ridge_matches_numpy_least_squares():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(12, 5, generator=g, dtype=torch.float64) + 0.3 + 0.1 * torch.randn(200, 5, generator=g, dtype=torch.float64)
+    stats = RidgeStats(12, 5)
+    for i in range(0, 200, 37):  # streamed in uneven chunks
+        stats.update(x[i:i + 37], y[i:i + 37])
+    lam = 0.05
+    W = solve_ridge(stats, lam).numpy()
+    z = np.concatenate([x.numpy(), np.ones((200, 1))], axis=1)
+    reg = np.sqrt(lam * 200) * np.eye(13)[:12]  # the bias column is not penalised
+    ref = np.linalg.lstsq(np.concatenate([z, reg]), np.concatenate([y.numpy(), np.zeros((12, 5))]), rcond=None)[0]
+    assert np.allclose(W, ref, atol=1e-8)
+
+
+def test_fit_ridge_chooses_lambda_on_validation_and_predicts_unit_tokens():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(16, 8, generator=g)
+    def batch(seed):
+        gg = torch.Generator().manual_seed(seed)
+        c = torch.randn(4, 10, 16, generator=gg)
+        return c, S.normalize(c @ A) + 0.05 * torch.randn(4, 10, 8, generator=gg)
+    r = fit_ridge((batch(i) for i in range(10)), [batch(100)], lambdas=(1e-4, 10.0, 1e4))
+    assert r.lam == 1e-4 and r.val_cosine[1e-4] > r.val_cosine[1e4]
+    c, t = batch(200)
+    pred = r.predict(c)
+    assert torch.allclose(pred.norm(dim=-1), torch.ones(4, 10), atol=1e-5)
+    assert (pred * S.normalize(t)).sum(-1).mean() > 0.95
+
+
+def test_frechet_distance_zero_on_itself_and_grows_with_shift():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(3000, 8, generator=g, dtype=torch.float64)
+    assert abs(frechet_distance(a, a)) < 1e-8
+    b = a + torch.tensor([0.5] + [0.0] * 7, dtype=torch.float64)
+    assert abs(frechet_distance(a, b) - 0.25) < 1e-6  # pure mean shift: |delta|^2
+    c = a + torch.tensor([1.0] + [0.0] * 7, dtype=torch.float64)
+    assert frechet_distance(a, c) > frechet_distance(a, b)
+    # different covariance: FD = sum (sqrt(s1) - sqrt(s2))^2 per axis for diagonal covariances
+    d = a * 2.0
+    assert abs(frechet_distance(a, d) - 8 * (1 - 2) ** 2) < 0.5
+
+
+def test_knn_precision_recall_sees_collapse():
+    g = torch.Generator().manual_seed(3)
+    real = torch.randn(500, 4, generator=g)
+    same = torch.randn(500, 4, generator=g)
+    p, r = knn_precision_recall(real, same, k=3)
+    assert p > 0.8 and r > 0.8
+    collapsed = torch.zeros(500, 4) + 0.01 * torch.randn(500, 4, generator=g)
+    p, r = knn_precision_recall(real, collapsed, k=3)
+    assert p > 0.8 and r < 0.2  # realistic points, no coverage
+
+
+def test_pca_basis_projects_onto_top_directions():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1000, 1, 32, generator=g) * torch.tensor([5.0, 3.0] + [0.1] * 30)
+    basis = PCABasis.fit(x, dim=2)
+    assert basis.components.shape == (32, 2)
+    top = basis.components.abs().argmax(dim=0).tolist()
+    assert sorted(top) == [0, 1]
+
+
+def test_ratings_follow_the_seed_thresholds():
+    assert rating(0.85, "eva_denoising") == "excellent" and rating(0.75, "eva_denoising") == "good"
+    assert rating(0.65, "clip_denoising") == "good" and rating(0.3, "clip_denoising") == "poor"
