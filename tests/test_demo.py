@@ -14,3 +14,4 @@ def test_demo_quick_mode_runs_end_to_end_and_reports(tmp_path):
     d = res["denoising"]["0.9"]
     assert d["model"]["cosine_mean"] > d["baselines"]["identity"]["cosine_mean"] + 0.2
     assert res["generation"]["model"]["cosine_mean"] > res["generation"]["baselines"]["mean_direction"]["cosine_mean"]
+    assert set(res["checks"]) and all(isinstance(v, bool) for v in res["checks"].values())

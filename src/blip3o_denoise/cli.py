@@ -52,6 +52,7 @@ HELP = {
     "device": "auto (cuda if available), cpu, cuda, cuda:1 ...",
     "grad_checkpointing": "recompute block activations in the backward pass (less memory)",
     "compile": "torch.compile the model (slow first steps, faster after)",
+    "fsdp": "shard parameters, gradients and optimizer state across processes (torch's fully_shard; torchrun only)",
     "hidden_size": "override the preset's hidden width (0 = preset)",
     "depth": "override the preset's number of blocks (0 = preset)",
     "num_heads": "override the preset's attention heads (0 = preset)",
@@ -249,7 +250,7 @@ def cmd_make_synthetic(ns) -> int:
 def cmd_demo(ns) -> int:
     from .demo import run_demo
 
-    ok = run_demo(ns.output_dir, quick=ns.quick, seconds=ns.seconds)
+    ok = run_demo(ns.output_dir, quick=ns.quick, steps=ns.steps)
     return 0 if ok else 4
 
 
@@ -330,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="synthetic data -> train a tiny model -> held-out evaluation beside baselines -> plot")
     d.add_argument("--output_dir", default="demo_output")
-    d.add_argument("--seconds", type=float, default=150.0, help="training time budget")
+    d.add_argument("--steps", type=int, default=1500, help="training steps (1500: about 2.5 minutes on 2 CPU cores)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
     return p
 

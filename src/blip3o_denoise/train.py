@@ -76,6 +76,7 @@ class TrainConfig:
     report_to: str = "none"
     device: str = "auto"
     grad_checkpointing: bool = False
+    fsdp: bool = False
     compile: bool = False
     hidden_size: int = 0
     depth: int = 0
@@ -214,7 +215,46 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "config.json").exists())
 
 
-def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, scheduler, state: dict, run_config: dict, keep: int) -> Path:
+def _is_fsdp(module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in module.parameters())
+
+
+def full_model_state(module) -> dict:
+    """The module's complete state dict on the CPU. Collective under FSDP (every rank must call it;
+    rank 0 receives the tensors)."""
+    if _is_fsdp(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu().contiguous() for k, v in _unwrap(module).state_dict().items()}
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_full_state(model, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
+        # parameters that never received a gradient (the null condition without --cond_dropout)
+        # have no optimizer state, in the checkpoint or here
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_sd,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        _unwrap(model).load_state_dict(model_sd)
+        optimizer.load_state_dict(optim_sd)
+
+
+def save_checkpoint(out_dir: Path, step: int, model_sd: dict, ema_sd: dict, training_state: dict, run_config: dict,
+                    keep: int) -> Path:
     """Write ``checkpoints/step_N`` through a temporary directory renamed into place."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -223,18 +263,9 @@ def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, scheduler, 
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "ema_n_averaged": ema.n_averaged.detach().cpu(),
-            "rng": _rng_state(),
-            **state,
-        },
-        tmp / "training_state.pt",
-    )
+    save_file(model_sd, str(tmp / "model.safetensors"))
+    save_file(ema_sd, str(tmp / "ema.safetensors"))
+    torch.save(training_state, tmp / "training_state.pt")
     (tmp / "config.json").write_text(json.dumps(run_config, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -247,14 +278,14 @@ def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, scheduler, 
     return final
 
 
-def export_model(out_dir: Path, ema, run_config: dict) -> Path:
+def export_model(out_dir: Path, ema_sd: dict, run_config: dict) -> Path:
     """Write ``OUTPUT/final``: the EMA weights and the config, what ``Denoiser.from_pretrained`` loads."""
     final = Path(out_dir) / "final"
     tmp = Path(out_dir) / f".tmp_final_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file(ema_sd, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(run_config, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -325,6 +356,16 @@ def build(cfg: TrainConfig) -> Run:
     )
     model = UniversalDiT(mcfg).to(device)
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay))
+    if cfg.fsdp:
+        if not dist.is_initialized():
+            raise ValueError("--fsdp shards the model across processes: launch with torchrun and more than one process")
+        from torch.distributed.fsdp import fully_shard
+
+        # the EMA copy is sharded exactly like the model, so its update is a local lerp of shards
+        for m in (model, ema.module):
+            for blk in m.blocks:
+                fully_shard(blk)
+            fully_shard(m)
     fused = device.type in ("cuda", "cpu")
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -410,10 +451,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def run_evaluation(run: Run, step: int, final: bool = False) -> dict:
+def eval_model(run: Run):
+    """The EMA model as a plain module on rank 0 (under FSDP its weights are gathered: collective)."""
+    if not _is_fsdp(run.ema.module):
+        return run.ema.module
+    sd = full_model_state(run.ema.module)
+    if not is_main():
+        return None
+    model = UniversalDiT(_unwrap(run.model).cfg).to(run.device)
+    model.load_state_dict(sd)
+    return model
+
+
+def run_evaluation(run: Run, step: int, model, final: bool = False) -> dict:
     """Held-out evaluation with the EMA weights: light during training, complete at the end."""
     cfg = run.cfg
-    model = run.ema.module
     if final:
         baselines = fit_baselines(run.train_set, ridge=True)
         ecfg = EvalConfig(num_steps=cfg.num_inference_steps, solver=cfg.solver, seed=cfg.seed)
@@ -475,10 +527,17 @@ def _train(cfg: TrainConfig) -> dict:
         ckpts = checkpoint_dirs(out)
         if ckpts:
             ck = ckpts[-1]
-            _unwrap(run.model).load_state_dict(load_file(str(ck / "model.safetensors")))
-            run.ema.module.load_state_dict(load_file(str(ck / "ema.safetensors")))
             st = torch.load(ck / "training_state.pt", weights_only=True)
-            run.optimizer.load_state_dict(st["optimizer"])
+            if bool(st.get("fsdp", False)) != cfg.fsdp:
+                raise ValueError(f"{ck}: written with --fsdp {'on' if st.get('fsdp') else 'off'}; resume with the same setting")
+            load_full_state(run.model, run.optimizer, load_file(str(ck / "model.safetensors")), st["optimizer"])
+            ema_sd = load_file(str(ck / "ema.safetensors"))
+            if _is_fsdp(run.ema.module):
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(run.ema.module, ema_sd, options=StateDictOptions(full_state_dict=True))
+            else:
+                run.ema.module.load_state_dict(ema_sd)
             run.scheduler.load_state_dict(st["scheduler"])
             run.ema.n_averaged.copy_(st["ema_n_averaged"])
             _set_rng_state(st["rng"])
@@ -492,7 +551,7 @@ def _train(cfg: TrainConfig) -> dict:
         raise FileExistsError(f"{out}: holds checkpoints from an earlier run; pass --resume to continue it or choose a new --output_dir")
 
     model = run.model
-    if dist.is_initialized():
+    if dist.is_initialized() and not cfg.fsdp:
         model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
@@ -542,6 +601,8 @@ def _train(cfg: TrainConfig) -> dict:
                                      for sd in seeds], device=run.device)
             last_micro = micro == accum - 1
             sync = nullcontext() if (last_micro or not isinstance(model, DDP)) else model.no_sync()
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(last_micro)
             with sync:
                 with autocast:
                     pred = model(path.x_t, path.t, cond, drop_mask=drop)
@@ -562,6 +623,8 @@ def _train(cfg: TrainConfig) -> dict:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 run.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             )
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             if not finite or not bool(torch.isfinite(grad_norm)):
                 run.optimizer.zero_grad(set_to_none=True)
                 counters["skipped_nonfinite"] += 1
@@ -608,10 +671,14 @@ def _train(cfg: TrainConfig) -> dict:
                 t_last, samples_since = now, 0
             if bar is not None:
                 bar.update(1)
-            if main and cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0 and step < run.total_steps:
-                last_eval = run_evaluation(run, step)
-                reporter.log({"step": step, "eval": last_eval})
-                (bar.write if bar is not None else print)(f"step {step}\n" + format_results(last_eval))
+            if cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0 and step < run.total_steps:
+                ema_model = eval_model(run)  # collective under FSDP
+                if main:
+                    last_eval = run_evaluation(run, step, ema_model)
+                    reporter.log({"step": step, "eval": last_eval})
+                    (bar.write if bar is not None else print)(f"step {step}\n" + format_results(last_eval))
+                if dist.is_initialized():
+                    dist.barrier()
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < run.total_steps:
                 _save(run, out, step, epoch, batch_in_epoch, counters)
             if step >= run.total_steps:
@@ -624,10 +691,11 @@ def _train(cfg: TrainConfig) -> dict:
     if bar is not None:
         bar.close()
     _save(run, out, step, epoch, batch_in_epoch, counters)
+    ema_model = eval_model(run)
     result = {}
     if main:
-        export_model(out, run.ema, run.run_config)
-        result = run_evaluation(run, step, final=True)
+        export_model(out, full_model_state(ema_model), run.run_config)
+        result = run_evaluation(run, step, ema_model, final=True)
         result["skipped_nonfinite"] = counters["skipped_nonfinite"]
         reporter.log({"step": step, "eval": result, "final": True})
         reporter.close()
@@ -637,15 +705,23 @@ def _train(cfg: TrainConfig) -> dict:
             o = result["overfit_test"]
             print(f"overfit test on {o['samples']} samples (noise level {o['noise_level']:g}): cosine {o['cosine']:.4f} "
                   f"-> {'PASSED' if o['passed'] else 'FAILED'} (threshold {o['threshold']})")
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait for rank 0's evaluation, then all leave together
     return result
 
 
 def _save(run: Run, out: Path, step: int, epoch: int, batch_in_epoch: int, counters) -> None:
+    """Gather the full state (collective under FSDP) and write it from rank 0."""
+    model_sd = full_model_state(run.model)
+    ema_sd = full_model_state(run.ema.module)
+    optim_sd = full_optimizer_state(run.model, run.optimizer)
     if is_main():
-        save_checkpoint(out, step, run.model, run.ema, run.optimizer, run.scheduler,
-                        {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                         "skipped_nonfinite": counters["skipped_nonfinite"]},
-                        run.run_config, run.cfg.keep_checkpoints)
+        state = {
+            "optimizer": optim_sd, "scheduler": run.scheduler.state_dict(), "ema_n_averaged": run.ema.n_averaged.detach().cpu(),
+            "rng": _rng_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "skipped_nonfinite": counters["skipped_nonfinite"], "fsdp": run.cfg.fsdp,
+        }
+        save_checkpoint(out, step, model_sd, ema_sd, state, run.run_config, run.cfg.keep_checkpoints)
     if dist.is_initialized():
         dist.barrier()
 
