@@ -111,3 +111,18 @@ def test_pca_basis_projects_onto_top_directions():
 def test_ratings_follow_the_seed_thresholds():
     assert rating(0.85, "eva_denoising") == "excellent" and rating(0.75, "eva_denoising") == "good"
     assert rating(0.65, "clip_denoising") == "good" and rating(0.3, "clip_denoising") == "poor"
+
+
+def test_generation_verdict():
+    from blip3o_denoise.evaluate import generation_verdict
+
+    def entry(ratio, point, ridge, fd, fd_ridge):
+        return {"dispersion_ratio": ratio, "point_estimate": {"cosine_mean": point},
+                "distribution": {"frechet_distance": fd},
+                "baselines": {"ridge": {"cosine_mean": ridge, "distribution": {"frechet_distance": fd_ridge}}}}
+
+    v = generation_verdict(entry(1.02, 0.9, 0.8, 0.01, 0.1))
+    assert v == {"sampler": "calibrated", "point_estimate_beats_ridge": True, "closer_in_distribution_than_ridge": True}
+    assert generation_verdict(entry(1.6, 0.7, 0.8, 0.2, 0.1))["sampler"] == "collapsed toward the mean"
+    assert generation_verdict(entry(0.5, 0.7, 0.8, 0.2, 0.1))["sampler"] == "over-dispersed"
+    assert generation_verdict(entry(None, 0.0, 0.8, 0.2, 0.1))["sampler"] == "no signal"

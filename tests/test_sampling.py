@@ -59,3 +59,38 @@ def test_integrate_rejects_bad_arguments():
         integrate(lambda x, t: x, x, 0.0, 0)
     with pytest.raises(ValueError, match="start time"):
         integrate(lambda x, t: x, x, 1.0, 4)
+
+
+def test_condition_projected_once_per_generation_with_and_without_guidance():
+    from blip3o_denoise.model import ModelConfig, UniversalDiT
+    from blip3o_denoise.sampling import generate
+
+    for mode in ("aligned", "cross_attention", "both"):
+        m = UniversalDiT(ModelConfig(input_dim=8, cond_dim=12, hidden_size=32, depth=2, num_heads=4, num_kv_heads=2,
+                                     conditioning=mode, cond_dropout=0.1)).eval()
+        calls = {"cond": 0, "kv": 0}
+        m.cond_embed.register_forward_hook(lambda *a: calls.__setitem__("cond", calls["cond"] + 1))
+        if m.cfg.uses_cross_attention:
+            m.blocks[0].cross_attn.kv.register_forward_hook(lambda *a: calls.__setitem__("kv", calls["kv"] + 1))
+        for guidance, kv_calls in ((1.0, 1), (2.0, 2)):  # guidance adds the null condition's keys/values, once
+            calls.update(cond=0, kv=0)
+            out = generate(m, torch.randn(2, 16, 12), "velocity", num_steps=7, guidance=guidance)
+            assert out.shape == (2, 16, 8)
+            assert calls["cond"] == 1
+            assert calls["kv"] == (kv_calls if m.cfg.uses_cross_attention else 0)
+
+
+def test_guidance_changes_samples_and_one_means_conditional():
+    from blip3o_denoise.model import ModelConfig, UniversalDiT
+    from blip3o_denoise.sampling import generate
+
+    torch.manual_seed(0)
+    m = UniversalDiT(ModelConfig(input_dim=8, cond_dim=12, hidden_size=32, depth=2, num_heads=4, num_kv_heads=2,
+                                 cond_dropout=0.1)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    c = torch.randn(2, 16, 12)
+    g = lambda w: generate(m, c, "velocity", num_steps=4, guidance=w, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(g(1.0), g(1.0))
+    assert not torch.allclose(g(1.0), g(3.0), atol=1e-4)

@@ -258,3 +258,87 @@ def test_denoiser_api(data, tmp_path):
     train(tiny(data, out2, max_noise_level=0.7))
     with pytest.raises(ValueError, match="max_noise_level 1.0"):
         Denoiser.from_pretrained(out2).generate(cond)
+
+
+def first_losses(out):
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+
+@pytest.mark.parametrize("flag", [
+    {"prediction_type": "target"}, {"prediction_type": "noise"}, {"noise_schedule": "cosine"},
+    {"noise_schedule": "logit_normal"}, {"min_noise_level": 0.5, "max_noise_level": 0.6},
+    {"sphere_constraint_weight": 5.0, "prediction_type": "target"}, {"precision": "bf16"},
+    {"learning_rate": 1e-2}, {"seed": 3}, {"batch_size": 4}, {"conditioning": "both"},
+])
+def test_each_training_flag_changes_the_run(data, tmp_path, flag):
+    base = tmp_path / "base"
+    train(tiny(data, base, max_steps=3, **({"sphere_constraint_weight": 0.0, "prediction_type": "target"} if "sphere_constraint_weight" in flag else {})))
+    changed = tmp_path / "changed"
+    train(tiny(data, changed, max_steps=3, **flag))
+    assert first_losses(base) != first_losses(changed)
+
+
+def test_num_workers_give_the_same_run(data, tmp_path):
+    train(tiny(data, tmp_path / "w0", max_steps=3))
+    train(tiny(data, tmp_path / "w2", max_steps=3, num_workers=2))
+    assert first_losses(tmp_path / "w0") == first_losses(tmp_path / "w2")
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path):
+    from blip3o_denoise.data.seed_format import write_seed_shard
+
+    d = tmp_path / "nan"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    clip, eva = torch.randn(40, 16, 16, generator=g), torch.randn(40, 16, 32, generator=g)
+    clip[::2] = float("nan")  # half the samples poison every batch they are in
+    write_seed_shard(d, 0, clip, eva, [f"k{i}" for i in range(40)], [""] * 40, False)
+    with pytest.raises(RuntimeError, match="non-finite steps in a row"):
+        train(tiny(d, tmp_path / "o", max_steps=6, max_bad_steps=3, holdout_fraction=0.1))
+    # no update was made from a non-finite step, and none of them was logged as a step
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_seed_readme_commands_run_verbatim(tmp_path):
+    """The seed README's Quick Start and overfit commands, flags unchanged (tiny data keeps them fast)."""
+    d = tmp_path / "embeddings"
+    make_synthetic(d, SyntheticSpec(num_samples=32, eva_dim=16, clip_dim=8, tokens=16))
+    small = tmp_path / "small"  # the Quick Start trains the base preset: 10 epochs of one step each here
+    make_synthetic(small, SyntheticSpec(num_samples=9, eva_dim=16, clip_dim=8, tokens=16))
+    quick = ["--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(small), "--output_dir", str(tmp_path / "checkpoints_clip"),
+             "--model_size", "base", "--batch_size", "8", "--num_epochs", "10", "--learning_rate", "1e-4"]
+    # the seed's commands plus only what keeps CI fast here: fewer sampling steps, no progress bar
+    fast = ["--num_inference_steps", "2", "--eval_samples", "2", "--holdout_fraction", "0.1", "--no_progress"]
+    assert main(["train", *quick, *fast]) == 0
+    assert (tmp_path / "checkpoints_clip" / "final" / "model.safetensors").exists()
+    overfit = ["--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(d), "--output_dir", str(tmp_path / "test_overfit"),
+               "--overfit_test_size", "20", "--batch_size", "4", "--num_epochs", "50", "--max_shards", "1"]
+    rc = main(["train", *overfit, *fast, "--model_size", "micro", "--learning_rate", "3e-3", "--warmup_steps", "10"])
+    res = json.loads((tmp_path / "test_overfit" / "results.json").read_text())
+    assert res["overfit_test"]["samples"] == 20
+    assert rc == (0 if res["overfit_test"]["passed"] else 3)
+
+
+def test_report_to_tensorboard_writes_events_or_says_what_to_install(data, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install"):
+            train(tiny(data, tmp_path / "tb", report_to="tensorboard"))
+        return
+    train(tiny(data, tmp_path / "tb", report_to="tensorboard"))
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.*"))
+
+
+def test_inspect_cli(data, tmp_path, capsys):
+    assert main(["inspect", str(data), "--check_values"]) == 0
+    out = capsys.readouterr().out
+    assert "seed format, 2 shards" in out and "N = 17" in out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in data.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    victim = sorted(bad.glob("*.pkl"))[1]
+    victim.write_bytes(victim.read_bytes()[:200])
+    assert main(["inspect", str(bad)]) == 1
+    assert f"FAILED {victim.name}" in capsys.readouterr().out

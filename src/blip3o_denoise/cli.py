@@ -1,4 +1,4 @@
-"""The command line: ``blip3o-denoise {train,evaluate,sweep,generate,convert,inspect,make-synthetic,demo}``."""
+"""The command line: ``blip3o-denoise {train,evaluate,sweep,generate,extract,convert,inspect,make-synthetic,demo}``."""
 
 from __future__ import annotations
 
@@ -219,6 +219,24 @@ def cmd_generate(ns) -> int:
     return 0
 
 
+def cmd_extract(ns) -> int:
+    from .extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(images=ns.images, output=ns.output, target_model=ns.target_model, condition_model=ns.condition_model,
+                        layer=ns.layer, training_mode=ns.training_mode, batch_size=ns.batch_size, num_workers=ns.num_workers,
+                        device=ns.device, precision=ns.precision, format=ns.format, store_dtype=ns.store_dtype,
+                        shard_size=ns.shard_size, trust_remote_code=ns.trust_remote_code, max_images=ns.max_images,
+                        progress=not ns.no_progress)
+    try:
+        s = extract(cfg)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{s['output']}: {s['encoded_this_run']} images encoded this run ({s['images_per_s']:.1f} images/s), "
+          f"{s['skipped']} skipped (listed in the manifest), {s['images']} inputs in all")
+    return 0
+
+
 def cmd_convert(ns) -> int:
     from .data.store import convert
 
@@ -305,6 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
 
+    x = sub.add_parser("extract", help="images -> paired patch embeddings of two encoders -> store or seed shards")
+    x.add_argument("--images", required=True, help="a folder of images (recursive, optional .txt captions) or WebDataset .tar shards")
+    x.add_argument("--output", required=True)
+    x.add_argument("--target_model", required=True, help="the encoder whose tokens are generated (the seed's CLIP), hub name or directory")
+    x.add_argument("--condition_model", required=True, help="the conditioning encoder (the seed's EVA-CLIP), hub name or directory")
+    x.add_argument("--layer", type=int, default=-1, help="hidden layer to take tokens from (-1: the last)")
+    x.add_argument("--training_mode", choices=("patch_only", "cls_patch"), default="patch_only")
+    x.add_argument("--batch_size", type=int, default=32)
+    x.add_argument("--num_workers", type=int, default=2, help="DataLoader workers decoding images")
+    x.add_argument("--device", default="auto")
+    x.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    x.add_argument("--format", choices=("store", "seed"), default="store")
+    x.add_argument("--store_dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    x.add_argument("--shard_size", type=int, default=512, help="input images per shard")
+    x.add_argument("--trust_remote_code", action="store_true", help="allow models that ship their own code (e.g. EVA-CLIP-8B)")
+    x.add_argument("--max_images", type=int, default=0)
+    x.add_argument("--no_progress", action="store_true")
+
     c = sub.add_parser("convert", help="convert seed .pkl shards into a streaming store")
     c.add_argument("src")
     c.add_argument("dst")
@@ -337,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
-    "train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "generate": cmd_generate, "convert": cmd_convert,
+    "train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "generate": cmd_generate, "extract": cmd_extract, "convert": cmd_convert,
     "inspect": cmd_inspect, "make-synthetic": cmd_make_synthetic, "demo": cmd_demo,
 }
 

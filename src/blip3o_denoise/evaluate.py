@@ -156,6 +156,21 @@ def dispersion_ratio(single_cosine: float, point_cosine: float) -> float | None:
     return single_cosine / point_cosine**2
 
 
+def generation_verdict(entry: dict) -> dict:
+    """Judge a generator by calibration and distribution, not by single-sample cosine alone."""
+    ratio = entry["dispersion_ratio"]
+    calib = ("no signal" if ratio is None else "calibrated" if 0.8 <= ratio <= 1.25
+             else "collapsed toward the mean" if ratio > 1.25 else "over-dispersed")
+    out = {"sampler": calib}
+    ridge = entry["baselines"].get("ridge")
+    if ridge is not None:
+        out["point_estimate_beats_ridge"] = entry["point_estimate"]["cosine_mean"] > ridge["cosine_mean"]
+        if "distribution" in entry and "distribution" in ridge:
+            out["closer_in_distribution_than_ridge"] = (
+                entry["distribution"]["frechet_distance"] < ridge["distribution"]["frechet_distance"])
+    return out
+
+
 def rating(cos: float, task_mode: str) -> str:
     excellent, good, fair = RATINGS[task_mode]
     return "excellent" if cos > excellent else "good" if cos > good else "fair" if cos > fair else "poor"
@@ -218,6 +233,7 @@ def evaluate(
                 entry["baselines"]["ridge"] = token_metrics(pred, target, thresholds)
                 if (d := dist(pred)) is not None:
                     entry["baselines"]["ridge"]["distribution"] = d
+        entry["verdict"] = generation_verdict(entry)
         result["generation"] = entry
     else:
         result["generation_skipped"] = (
@@ -268,7 +284,8 @@ def format_results(result: dict) -> str:
             lines.append(f"  {name:<34}{v:>8.4f}")
         ratio = g["dispersion_ratio"]
         ratio_text = f"{ratio:>8.3f}" if ratio is not None else "     n/a"
-        lines.append(f"  {'dispersion ratio (single/point^2)':<34}{ratio_text}   diversity {g['diversity']:.4f}")
+        lines.append(f"  {'dispersion ratio (single/point^2)':<34}{ratio_text}   diversity {g['diversity']:.4f}   "
+                     f"sampler: {g['verdict']['sampler']}")
         if "distribution" in g:
             d = g["distribution"]
             lines.append(f"  {'distribution (model)':<34} FD {d['frechet_distance']:.4f}  precision {d['precision']:.3f}  recall {d['recall']:.3f}")

@@ -114,6 +114,38 @@ def _write_shard(src: Shard, dst: Path, dtype: torch.dtype, chunk: int, on_rows=
     return total, digest.hexdigest()
 
 
+def append_store_shard(dst: str | os.PathLike, index: int, shard: Shard, dtype: str, source: str, chunk: int = 16,
+                       extra: dict | None = None, on_rows=None) -> dict:
+    """Write ``shard`` as store shard ``index`` (files first, atomically) and then record it in the
+    manifest, creating the manifest if needed. Returns the manifest."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    manifest = read_store_manifest(dst) or {
+        "format": STORE_FORMAT, "version": STORE_VERSION, "dtype": dtype, "tokens": shard.tokens,
+        "clip_dim": shard.clip.shape[2], "eva_dim": shard.eva.shape[2], "include_cls": _has_cls(shard.tokens), "shards": [],
+    }
+    if manifest["dtype"] != dtype:
+        raise ValueError(f"{dst / STORE_MANIFEST}: store has dtype {manifest['dtype']}, asked for {dtype}; use a new directory")
+    if (manifest["tokens"], manifest["clip_dim"], manifest["eva_dim"]) != (shard.tokens, shard.clip.shape[2], shard.eva.shape[2]):
+        raise ShardFormatError(
+            f"{shard.path}: N={shard.tokens}, widths {shard.clip.shape[2]}/{shard.eva.shape[2]} differ from the store's "
+            f"N={manifest['tokens']}, {manifest['clip_dim']}/{manifest['eva_dim']}"
+        )
+    name = f"shard_{index:05d}"
+    st_path, meta_path = dst / f"{name}.safetensors", dst / f"{name}.json"
+    atomic_write_json(meta_path, {"keys": shard.keys, "captions": shard.captions})
+    nbytes, sha = _write_shard(shard, st_path, DTYPES[dtype], chunk, on_rows)
+    entry = {"file": st_path.name, "meta": meta_path.name, "source": source, "num_samples": shard.num_samples,
+             "bytes": nbytes, "sha256": sha}
+    manifest["shards"] = sorted([e for e in manifest["shards"] if e["file"] != entry["file"]] + [entry], key=lambda e: e["file"])
+    manifest["total_samples"] = sum(e["num_samples"] for e in manifest["shards"])
+    manifest.update(extra or {})
+    atomic_write_json(dst / STORE_MANIFEST, manifest)
+    return manifest
+
+
 def read_store_manifest(directory: str | os.PathLike) -> dict | None:
     path = Path(directory) / STORE_MANIFEST
     if not path.exists():
@@ -140,7 +172,6 @@ def convert(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
-    torch_dtype = DTYPES[dtype]
     sources = list_seed_shards(src_dir)
     if not sources:
         raise FileNotFoundError(f"{src_dir}: no seed shards found (expected embeddings_shard_XXXXX_patch_only.pkl files)")
@@ -163,43 +194,22 @@ def convert(
                 f"{s.path}: shapes {list(s.clip.shape[1:])} / {list(s.eva.shape[1:])} differ from "
                 f"{first.path}: {list(first.clip.shape[1:])} / {list(first.eva.shape[1:])}"
             )
-    manifest = {
-        "format": STORE_FORMAT,
-        "version": STORE_VERSION,
-        "dtype": dtype,
-        "tokens": first.tokens,
-        "clip_dim": first.clip.shape[2],
-        "eva_dim": first.eva.shape[2],
-        "include_cls": _has_cls(first.tokens),
-        "shards": [],
-    }
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(s.num_samples for s in opened), desc="convert", unit="sample")
     for i, (path, shard) in enumerate(zip(sources, opened)):
-        name = f"shard_{i:05d}"
         prev = done.get(path.name)
-        st_path, meta_path = dst / f"{name}.safetensors", dst / f"{name}.json"
+        st_path, meta_path = dst / f"shard_{i:05d}.safetensors", dst / f"shard_{i:05d}.json"
         if prev and st_path.exists() and meta_path.exists() and st_path.stat().st_size == prev["bytes"]:
-            manifest["shards"].append(prev)
             if bar:
                 bar.update(shard.num_samples)
             continue
-        atomic_write_json(meta_path, {"keys": shard.keys, "captions": shard.captions})
-        nbytes, sha = _write_shard(shard, st_path, torch_dtype, chunk, bar.update if bar else None)
-        manifest["shards"].append({
-            "file": st_path.name, "meta": meta_path.name, "source": path.name,
-            "num_samples": shard.num_samples, "bytes": nbytes, "sha256": sha,
-        })
-        manifest["total_samples"] = sum(s["num_samples"] for s in manifest["shards"])
-        atomic_write_json(dst / STORE_MANIFEST, manifest)
+        manifest = append_store_shard(dst, i, shard, dtype, path.name, chunk, on_rows=bar.update if bar else None)
     if bar:
         bar.close()
-    manifest["total_samples"] = sum(s["num_samples"] for s in manifest["shards"])
-    atomic_write_json(dst / STORE_MANIFEST, manifest)
-    return manifest
+    return read_store_manifest(dst)
 
 
 def _has_cls(tokens: int) -> bool:
