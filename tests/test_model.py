@@ -177,3 +177,12 @@ def test_bf16_autocast_forward_close_to_fp32():
         out = m(x, t, c)
     assert out.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_rmsnorm_in_bf16_matches_a_float32_computation():
+    from blip3o_denoise.model import RMSNorm
+
+    x = (torch.randn(4, 64, 96) * 3 + 1).bfloat16()
+    y = x.float()
+    ref = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    assert torch.equal(RMSNorm(96, affine=False)(x), ref)
