@@ -342,3 +342,47 @@ def test_inspect_cli(data, tmp_path, capsys):
     victim.write_bytes(victim.read_bytes()[:200])
     assert main(["inspect", str(bad)]) == 1
     assert f"FAILED {victim.name}" in capsys.readouterr().out
+
+
+def test_remaining_flags_have_their_effect(data, tmp_path, monkeypatch):
+    import blip3o_denoise.train as T
+
+    compiled = []
+    monkeypatch.setattr(T.torch, "compile", lambda m: compiled.append(m) or m)
+    res = train(tiny(data, tmp_path / "a", max_steps=4, compile=True, eval_every_n_steps=2, eval_samples=5,
+                     solver="heun", ema_decay=0.05, hidden_size=32, depth=1, num_heads=2, num_kv_heads=1))
+    assert len(compiled) == 1  # --compile wraps the model in torch.compile
+    evals = [r for r in read_metrics(tmp_path / "a") if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4]  # periodic at step 2, final at 4
+    assert res["num_images"] == 5 and res["solver"] == "heun"
+    cfg = json.loads((tmp_path / "a" / "final" / "config.json").read_text())["model"]
+    assert (cfg["hidden_size"], cfg["depth"], cfg["num_heads"], cfg["num_kv_heads"]) == (32, 1, 2, 1)
+    # the EMA decay changes the exported (EMA) weights, not the trained ones
+    train(tiny(data, tmp_path / "b", max_steps=4, hidden_size=32, depth=1, num_heads=2, num_kv_heads=1))
+    ea = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    eb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    ma = load_file(str(checkpoint_dirs(tmp_path / "a")[-1] / "model.safetensors"))
+    mb = load_file(str(checkpoint_dirs(tmp_path / "b")[-1] / "model.safetensors"))
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert any(not torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_report_to_wandb_says_what_to_install(data, tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="pip install"):
+        train(tiny(data, tmp_path / "w", report_to="wandb"))
+
+
+def test_resume_with_changed_options_warns(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    train(tiny(data, out, max_steps=2))
+    capsys.readouterr()
+    train(tiny(data, out, max_steps=3, resume=True, learning_rate=5e-4))
+    text = capsys.readouterr().out
+    assert "resumed from" in text and "learning_rate 0.0001 -> 0.0005" in text
+    train(tiny(data, out, max_steps=4, resume=True, learning_rate=5e-4, eval_samples=4))
+    assert "resumed from" in (text := capsys.readouterr().out) and "warning: resuming" not in text

@@ -496,6 +496,19 @@ def overfit_check(run: Run, model) -> dict:
     return {"samples": len(run.overfit_set), "noise_level": level, "cosine": cos, "threshold": 0.8, "passed": cos > 0.8}
 
 
+# Options that may change on --resume without changing what is trained.
+_RESUME_FREE = {
+    "resume", "progress", "output_dir", "eval_every_n_steps", "save_every_n_steps", "log_every_n_steps",
+    "keep_checkpoints", "max_steps", "num_epochs", "num_workers", "report_to", "device", "compile", "eval_samples",
+    "eval_dir", "debug_mode", "max_bad_steps", "num_inference_steps", "solver", "chunked_embeddings_dir",
+}
+
+
+def resume_changes(saved: dict, current: dict) -> dict:
+    """Options that differ between a checkpoint's run and the resuming one, and change the training."""
+    return {k: (saved[k], current[k]) for k in sorted(saved) if k in current and k not in _RESUME_FREE and saved[k] != current[k]}
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; return the final evaluation (also written to OUTPUT/results.json)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -545,6 +558,10 @@ def _train(cfg: TrainConfig) -> dict:
             counters["skipped_nonfinite"] = int(st.get("skipped_nonfinite", 0))
             if main:
                 print(f"resumed from {ck} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+                changed = resume_changes(json.loads((ck / "config.json").read_text()).get("train", {}), asdict(cfg))
+                if changed:
+                    print("warning: resuming with changed options, so this is no longer the same run as an "
+                          "uninterrupted one: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         elif main:
             print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
     elif main and checkpoint_dirs(out):
