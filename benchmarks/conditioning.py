@@ -35,7 +35,7 @@ def run_one(mode: str, data: str, seconds: float, checkpoints: list[float], hidd
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     flow = FlowConfig(min_noise_level=0.0, max_noise_level=1.0)
     gen = torch.Generator().manual_seed(0)
-    out, start, train_time, step = [], time.time(), 0.0, 0
+    out, train_time, step = [], 0.0, 0
     pending = list(checkpoints)
     while pending:
         t0 = time.time()

@@ -13,7 +13,6 @@ times the extraction (decode in DataLoader workers, both encoders, store writing
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import time
 from pathlib import Path

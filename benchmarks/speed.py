@@ -40,7 +40,6 @@ def peak_memory_gib(device) -> float:
 
 
 def build(cfg: dict, device):
-    import torch
 
     from blip3o_denoise.model import UniversalDiT, config_from_preset
     from reference_model import ReferenceDiT

@@ -77,7 +77,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
               "--holdout_fraction", "0", "--eval_dir", str(held), "--eval_samples", "4", "--num_inference_steps", "2", "--no_progress",
               "--log_every_n_steps", "1", "--cond_dropout", "0.2", "--device", "cpu"]
     run(common + ["--output_dir", str(tmp_path / "one"), "--batch_size", "4", "--gradient_accumulation_steps", "2"])
-    r = run(common + ["--output_dir", str(tmp_path / "two"), "--batch_size", "2", "--gradient_accumulation_steps", "2"], nproc=2)
+    run(common + ["--output_dir", str(tmp_path / "two"), "--batch_size", "2", "--gradient_accumulation_steps", "2"], nproc=2)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):

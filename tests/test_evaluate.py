@@ -1,11 +1,10 @@
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from blip3o_denoise import sphere as S
-from blip3o_denoise.baselines import Ridge, RidgeStats, fit_ridge, solve_ridge
+from blip3o_denoise.baselines import RidgeStats, fit_ridge, solve_ridge
 from blip3o_denoise.distribution import PCABasis, frechet_distance, knn_precision_recall
 from blip3o_denoise.evaluate import (
     dispersion_ratio, diversity, mean_of_k_cosine, rating, token_metrics,

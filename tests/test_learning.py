@@ -19,7 +19,7 @@ def test_overfit_twenty_pairs_and_condition_is_used():
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=True)
     flow = FlowConfig(min_noise_level=0.0, max_noise_level=1.0)
     gen = torch.Generator().manual_seed(1)
-    for step in range(600):
+    for _ in range(600):
         path = sample_path(target, flow, gen)
         loss, _ = flow_loss(model(path.x_t, path.t, cond), path, flow)
         opt.zero_grad()

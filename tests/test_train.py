@@ -124,7 +124,7 @@ def read_metrics(out):
 
 def test_training_logs_checkpoints_and_debug(data, tmp_path):
     out = tmp_path / "run"
-    result = train(tiny(data, out, debug_mode=True, max_grad_norm=1e-4, save_every_n_steps=3))
+    train(tiny(data, out, debug_mode=True, max_grad_norm=1e-4, save_every_n_steps=3))
     recs = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
     assert all("debug" in r and "grad_norm_by_module" in r["debug"] for r in recs)
@@ -145,8 +145,8 @@ def test_training_logs_checkpoints_and_debug(data, tmp_path):
 
 
 def test_clipping_changes_the_update(data, tmp_path):
-    a = train(tiny(data, tmp_path / "a", max_steps=2))
-    b = train(tiny(data, tmp_path / "b", max_steps=2, max_grad_norm=1e-6))
+    train(tiny(data, tmp_path / "a", max_steps=2))
+    train(tiny(data, tmp_path / "b", max_steps=2, max_grad_norm=1e-6))
     wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)

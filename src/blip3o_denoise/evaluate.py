@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import sphere
-from .baselines import Ridge, fit_ridge, mean_direction, per_position_mean
+from .baselines import Ridge, fit_ridge
 from .distribution import PCABasis, distribution_metrics
 from .sampling import generate, noise_to_level, point_estimate
 

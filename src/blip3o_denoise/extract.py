@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data.safe_pickle import MemoryTensor
 from .data.seed_format import SEED_MANIFEST, Shard, write_seed_manifest, write_seed_shard
-from .data.store import STORE_MANIFEST, append_store_shard, read_store_manifest
+from .data.store import append_store_shard, read_store_manifest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 

@@ -602,7 +602,7 @@ def _train(cfg: TrainConfig) -> dict:
 
     while step < run.total_steps:
         loader = make_loader(epoch, batch_in_epoch)
-        micro = 0
+        micro, step_parts = 0, None
         for batch in loader:
             if batch_in_epoch >= run.steps_per_epoch * accum:
                 break

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from .safe_pickle import ShardFormatError, UnsafePickleError
 from .seed_format import check_finite, list_seed_shards, open_seed_shard, read_seed_manifest
