@@ -99,3 +99,19 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
     # only rank 0 wrote outputs; there is exactly one final checkpoint
     assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step_00000006"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_readme_torchrun_command_with_default_flags(tmp_path, extra):
+    """The README's torchrun command, flags verbatim and everything else at its default (no
+    --cond_dropout, so the null condition takes no part in the loss). Only the data is small."""
+    data = tmp_path / "D"
+    make_synthetic(data, SyntheticSpec(num_samples=24, eva_dim=32, clip_dim=16, tokens=16))
+    out = tmp_path / "O"
+    r = run(["--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(data), "--output_dir", str(out),
+             "--model_size", "tiny", "--batch_size", "4", "--num_epochs", "1", *extra], nproc=2)
+    assert "parameters that were not used" not in r.stderr
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps and steps[-1] == 3  # 21 training samples: 11 per rank, 3 batches of 4
+    assert (out / "final" / "model.safetensors").exists() and (out / "results.json").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]

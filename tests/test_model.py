@@ -144,6 +144,20 @@ def test_condition_dropout_uses_null_condition():
     assert torch.allclose(m(x, t, c), kept, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["aligned", "cross_attention", "both"])
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_every_trainable_parameter_gets_a_gradient(mode, p):
+    """What DDP needs: a parameter that requires a gradient but takes no part in the loss stops the run."""
+    m = micro(conditioning=mode, cond_dropout=p).train()
+    drop = torch.tensor([True, False]) if p > 0 else None
+    m(torch.randn(2, 16, 24), torch.rand(2), torch.randn(2, 16, 40), drop_mask=drop).square().sum().backward()
+    missing = [n for n, q in m.named_parameters() if q.requires_grad and q.grad is None]
+    assert missing == []
+    assert m.null_cond.requires_grad == (p > 0)
+    # one state-dict layout with or without dropout: checkpoints load either way
+    micro(conditioning=mode, cond_dropout=0.5 - p).load_state_dict(m.state_dict())
+
+
 def test_presets_widths_and_bad_values():
     for name, (h, d, nh, kv) in PRESETS.items():
         cfg = config_from_preset(name, 1024, 4096)
@@ -165,6 +179,9 @@ def test_grad_checkpointing_same_gradients():
         m.train()
         m(x, t, c, drop_mask=torch.zeros(2, dtype=torch.bool)).square().sum().backward()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        if not p.requires_grad:  # the null condition without --cond_dropout
+            assert p.grad is None and q.grad is None, n
+            continue
         assert torch.allclose(p.grad, q.grad, atol=1e-6), n
 
 

@@ -281,7 +281,9 @@ class UniversalDiT(nn.Module):
         self.x_embed = nn.Linear(cfg.input_dim, h)
         self.cond_embed = nn.Linear(cfg.cond_dim, h)
         self.cond_pool = nn.Linear(h, h)
-        self.null_cond = nn.Parameter(torch.randn(h) * 0.02)
+        # Without condition dropout the null condition never enters the loss: it is frozen, so DDP does not
+        # wait for a gradient that never comes. It stays a parameter, so every checkpoint has one layout.
+        self.null_cond = nn.Parameter(torch.randn(h) * 0.02, requires_grad=cfg.cond_dropout > 0)
         self.t_freq_dim = 256
         self.t_embed = nn.Sequential(nn.Linear(self.t_freq_dim, h), nn.SiLU(), nn.Linear(h, h))
         self.rope = Rope3D(h // cfg.num_heads, cfg.rope_base)
