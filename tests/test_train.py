@@ -386,3 +386,31 @@ def test_resume_with_changed_options_warns(data, tmp_path, capsys):
     assert "resumed from" in text and "learning_rate 0.0001 -> 0.0005" in text
     train(tiny(data, out, max_steps=4, resume=True, learning_rate=5e-4, eval_samples=4))
     assert "resumed from" in (text := capsys.readouterr().out) and "warning: resuming" not in text
+
+
+def test_nonfinite_loss_in_any_micro_batch_skips_the_whole_step(data, tmp_path, monkeypatch):
+    """With accumulation 2, a NaN loss in the first micro-batch (the second is finite) drops the step."""
+    import blip3o_denoise.train as T
+
+    runs, seen, real_build, real_loss = [], [], T.build, T.flow_loss
+
+    def keep_build(cfg):
+        runs.append(real_build(cfg))
+        seen.append({k: v.clone() for k, v in runs[0].model.state_dict().items()})
+        return runs[0]
+
+    def loss_with_a_nan(pred, path, cfg):
+        loss, parts = real_loss(pred, path, cfg)
+        seen.append({k: v.clone() for k, v in runs[0].model.state_dict().items()})
+        return (loss * float("nan"), parts) if len(seen) == 2 else (loss, parts)  # the first micro-batch
+
+    monkeypatch.setattr(T, "build", keep_build)
+    monkeypatch.setattr(T, "flow_loss", loss_with_a_nan)
+    res = train(tiny(data, tmp_path / "o", max_steps=2, gradient_accumulation_steps=2, batch_size=4))
+    # seen: [initial, micro 1 (NaN), micro 2, micro 3 (first of the next step), micro 4, micro 5, ...]
+    for k in seen[0]:
+        assert torch.equal(seen[0][k], seen[3][k]), k  # the skipped step changed no weight
+    assert any(not torch.equal(seen[0][k], seen[5][k]) for k in seen[0])  # the next step did
+    assert res["skipped_nonfinite"] == 1
+    assert [(r["step"], r["skipped_nonfinite"]) for r in read_metrics(tmp_path / "o") if "loss" in r] == [(1, 1), (2, 1)]
+    assert not any(torch.isnan(v).any() for v in runs[0].model.state_dict().values())

@@ -199,6 +199,15 @@ def ema_multi_avg_fn(decay: float):
     return update
 
 
+def _all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """``flag`` and-ed over the processes (collective), so that every rank skips the same steps."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(0.0 if flag else 1.0, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t == 0)
+
+
 def _unwrap(model):
     model = model.module if isinstance(model, DDP) else model
     return getattr(model, "_orig_mod", model)
@@ -602,7 +611,7 @@ def _train(cfg: TrainConfig) -> dict:
 
     while step < run.total_steps:
         loader = make_loader(epoch, batch_in_epoch)
-        micro, step_parts = 0, None
+        micro, step_parts, step_finite = 0, None, True
         for batch in loader:
             if batch_in_epoch >= run.steps_per_epoch * accum:
                 break
@@ -624,9 +633,10 @@ def _train(cfg: TrainConfig) -> dict:
                 with autocast:
                     pred = model(path.x_t, path.t, cond, drop_mask=drop)
                 loss, parts = flow_loss(pred, path, flow_cfg)
-                finite = bool(torch.isfinite(loss))
-                if finite:
-                    (loss / accum).backward()
+                # A non-finite loss in any micro-batch drops the whole step (below). The backward pass
+                # still runs: under DDP / FSDP every rank must take part in the gradient reduction.
+                step_finite = step_finite and bool(torch.isfinite(loss))
+                (loss / accum).backward()
             # what is logged is the step's loss: the mean over its micro-batches
             part_sum = torch.stack([loss.detach().float(), parts["mse"].float(), parts["sphere_penalty"].float()]) / accum
             step_parts = part_sum if micro == 0 else step_parts + part_sum
@@ -636,6 +646,8 @@ def _train(cfg: TrainConfig) -> dict:
             if not last_micro:
                 continue
             micro = 0
+            finite = _all_ranks_true(step_finite, run.device)
+            step_finite = True
             diag = _diagnostics(run.model, pred, path, flow_cfg) if cfg.debug_mode and main else None
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 run.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
