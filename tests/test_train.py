@@ -414,3 +414,21 @@ def test_nonfinite_loss_in_any_micro_batch_skips_the_whole_step(data, tmp_path, 
     assert res["skipped_nonfinite"] == 1
     assert [(r["step"], r["skipped_nonfinite"]) for r in read_metrics(tmp_path / "o") if "loss" in r] == [(1, 1), (2, 1)]
     assert not any(torch.isnan(v).any() for v in runs[0].model.state_dict().values())
+
+
+def test_resume_applies_changed_optimizer_options(data, tmp_path, monkeypatch):
+    """--resume with a new learning rate, warmup, decay floor and weight decay follows them from that step on."""
+    import blip3o_denoise.train as T
+
+    out = tmp_path / "r"
+    train(tiny(data, out, max_steps=2, warmup_steps=2, learning_rate=1e-4))
+    runs, real_build = [], T.build
+    monkeypatch.setattr(T, "build", lambda cfg: runs.append(real_build(cfg)) or runs[-1])
+    train(tiny(data, out, max_steps=5, resume=True, learning_rate=2e-3, warmup_steps=4, min_lr_ratio=0.5,
+               weight_decay=0.3))
+    logged = {r["step"]: r["lr"] for r in read_metrics(out) if "loss" in r}
+    assert logged[1] == pytest.approx(1e-4 * lr_lambda(0, 2, 2, 0.1))
+    for step in (3, 4, 5):  # the lr of step s is the schedule at s - 1 optimizer steps
+        assert logged[step] == pytest.approx(2e-3 * lr_lambda(step - 1, 4, 5, 0.5)), step
+    groups = runs[0].optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.3, 0.0] and groups[0]["initial_lr"] == 2e-3

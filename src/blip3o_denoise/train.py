@@ -518,6 +518,23 @@ def resume_changes(saved: dict, current: dict) -> dict:
     return {k: (saved[k], current[k]) for k in sorted(saved) if k in current and k not in _RESUME_FREE and saved[k] != current[k]}
 
 
+def apply_optimizer_options(optimizer, scheduler, cfg: TrainConfig) -> None:
+    """After loading a checkpoint: follow ``cfg``'s learning rate, warmup, decay floor and weight decay
+    from the current step on (the loaded optimizer and scheduler carry the values they were saved with).
+
+    The schedule's lambda already reads ``cfg``; its base learning rates and the groups' weight decay
+    come from the checkpoint and are set here. With unchanged options this changes nothing.
+    """
+    groups = optimizer.param_groups  # built as [decayed, not decayed]
+    for g, wd in zip(groups, (cfg.weight_decay, 0.0)):
+        g["initial_lr"] = cfg.learning_rate
+        g["weight_decay"] = wd
+    scheduler.base_lrs = [cfg.learning_rate for _ in groups]
+    for g, fn in zip(groups, scheduler.lr_lambdas):
+        g["lr"] = cfg.learning_rate * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; return the final evaluation (also written to OUTPUT/results.json)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -561,6 +578,7 @@ def _train(cfg: TrainConfig) -> dict:
             else:
                 run.ema.module.load_state_dict(ema_sd)
             run.scheduler.load_state_dict(st["scheduler"])
+            apply_optimizer_options(run.optimizer, run.scheduler, cfg)
             run.ema.n_averaged.copy_(st["ema_n_averaged"])
             _set_rng_state(st["rng"])
             step, epoch, batch_in_epoch = int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"])
@@ -570,7 +588,8 @@ def _train(cfg: TrainConfig) -> dict:
                 changed = resume_changes(json.loads((ck / "config.json").read_text()).get("train", {}), asdict(cfg))
                 if changed:
                     print("warning: resuming with changed options, so this is no longer the same run as an "
-                          "uninterrupted one: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+                          "uninterrupted one: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                          + "; the new values apply from this step on")
         elif main:
             print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
     elif main and checkpoint_dirs(out):
