@@ -432,3 +432,33 @@ def test_resume_applies_changed_optimizer_options(data, tmp_path, monkeypatch):
         assert logged[step] == pytest.approx(2e-3 * lr_lambda(step - 1, 4, 5, 0.5)), step
     groups = runs[0].optimizer.param_groups
     assert [g["weight_decay"] for g in groups] == [0.3, 0.0] and groups[0]["initial_lr"] == 2e-3
+
+
+def test_config_file_values_are_typed(tmp_path):
+    yml = tmp_path / "c.yaml"
+    # PyYAML reads 1e-4 (no dot) as a string; it is a number here
+    yml.write_text("learning_rate: 1e-4\nmin_lr_ratio: 5e-2\nbatch_size: 4.0\nwarmup_steps: '7'\nresume: true\n")
+    cfg = train_config_from_args(build_parser().parse_args(["train", "--config", str(yml)]))
+    assert (cfg.learning_rate, cfg.min_lr_ratio, cfg.batch_size, cfg.warmup_steps, cfg.resume) == (1e-4, 0.05, 4, 7, True)
+    assert type(cfg.learning_rate) is float and type(cfg.batch_size) is int and type(cfg.warmup_steps) is int
+
+
+@pytest.mark.parametrize("suffix,text,key", [
+    (".json", '{"resume": "no"}', "resume"),
+    (".yaml", "debug_mode: 'yes'\n", "debug_mode"),
+    (".yaml", "progress: 1\n", "progress"),
+    (".yaml", "batch_size: 2.5\n", "batch_size"),
+    (".yaml", "num_epochs: ten\n", "num_epochs"),
+    (".yaml", "learning_rate: fast\n", "learning_rate"),
+    (".yaml", "learning_rate: true\n", "learning_rate"),
+    (".yaml", "model_size: 3\n", "model_size"),
+])
+def test_config_file_type_errors_name_the_key_and_file(tmp_path, capsys, suffix, text, key):
+    f = tmp_path / f"c{suffix}"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=key) as e:
+        train_config_from_args(build_parser().parse_args(["train", "--config", str(f)]))
+    assert str(f) in str(e.value)
+    assert main(["train", "--config", str(f), "--chunked_embeddings_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert key in err and str(f) in err and "Traceback" not in err

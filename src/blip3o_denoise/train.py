@@ -113,11 +113,49 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        """Options from a config file (or parsed flags), each checked and converted to its field's type."""
+        kinds = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(cls)}
+        unknown = sorted(set(d) - set(kinds))
         if unknown:
             raise ValueError(f"{where}: unknown option(s) {unknown}")
-        return cls(**d)
+        return cls(**{k: _coerce(k, v, kinds[k], where) for k, v in d.items()})
+
+
+def _coerce(name: str, value, kind: str, where: str):
+    """``value`` as a ``kind`` ("int", "float", "bool", "str"), or a ValueError naming the option and ``where``.
+
+    YAML 1.1 reads ``1e-4`` (no dot) as a string, so numbers written as strings are accepted for
+    numeric options; a bool must be a real true/false (a string such as "no" is refused, not guessed).
+    """
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{where}: {name}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if isinstance(value, bool):
+        raise bad("a number")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip()) if kind == "float" else int(value.strip())
+        except ValueError:
+            raise bad("an integer" if kind == "int" else "a number") from None
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if kind == "float":
+        if not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    raise TypeError(f"option {name}: unsupported type {kind}")
 
 
 # ----------------------------------------------------------------------------- helpers
