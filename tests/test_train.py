@@ -462,3 +462,19 @@ def test_config_file_type_errors_name_the_key_and_file(tmp_path, capsys, suffix,
     assert main(["train", "--config", str(f), "--chunked_embeddings_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert key in err and str(f) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--eval_samples", "0"), ("--eval_samples", "-3"), ("--max_steps", "-5"), ("--ema_decay", "1.0"),
+    ("--ema_decay", "-0.1"), ("--max_grad_norm", "-1"), ("--warmup_steps", "-1"), ("--keep_checkpoints", "-1"),
+    ("--holdout_fraction", "1.0"), ("--holdout_fraction", "-0.1"), ("--cond_dropout", "1.0"), ("--cond_dropout", "-0.5"),
+    ("--num_workers", "-1"), ("--eval_every_n_steps", "-1"), ("--save_every_n_steps", "-1"),
+    ("--log_every_n_steps", "-1"), ("--log_every_n_steps", "0"), ("--learning_rate", "nan"), ("--weight_decay", "-0.1"),
+    ("--min_lr_ratio", "1.5"), ("--max_bad_steps", "0"),
+])
+def test_out_of_range_values_are_refused_at_start(tmp_path, capsys, flag, value):
+    rc = main(["train", f"{flag}={value}", "--chunked_embeddings_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+               "--model_size", "micro", "--no_progress"])
+    out, err = capsys.readouterr()
+    assert rc != 0 and flag in err and "Traceback" not in out + err
+    assert not (tmp_path / "o").exists()  # refused before anything was written

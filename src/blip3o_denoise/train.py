@@ -99,8 +99,25 @@ class TrainConfig:
         for name in ("batch_size", "num_epochs", "gradient_accumulation_steps", "num_inference_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: expected a positive integer, got {getattr(self, name)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name}: expected a finite number, got {value}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate: expected > 0, got {self.learning_rate}")
+        for name in ("eval_samples", "log_every_n_steps", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "keep_checkpoints", "num_workers", "eval_every_n_steps",
+                     "save_every_n_steps", "overfit_test_size", "max_shards", "hidden_size", "depth", "num_heads",
+                     "num_kv_heads", "max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}: expected >= 0, got {getattr(self, name)}")
+        for name, hi in (("ema_decay", "1)"), ("holdout_fraction", "1)"), ("cond_dropout", "1)"),
+                         ("min_lr_ratio", "1]")):
+            value = getattr(self, name)
+            if not (0.0 <= value < 1.0 or (hi == "1]" and value == 1.0)):
+                raise ValueError(f"--{name}: expected a value in [0, {hi}, got {value}")
         self.flow_config()  # validates the noise range and weights
 
     def flow_config(self) -> FlowConfig:
