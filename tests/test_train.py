@@ -478,3 +478,54 @@ def test_out_of_range_values_are_refused_at_start(tmp_path, capsys, flag, value)
     out, err = capsys.readouterr()
     assert rc != 0 and flag in err and "Traceback" not in out + err
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def _one_error_line(capsys) -> str:
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_user_errors_are_one_line_without_traceback(data, tmp_path, capsys):
+    yml = tmp_path / "broken.yaml"
+    yml.write_text("batch_size: 4\nlearning_rate: 1e-4: 2\n")
+    assert main(["train", "--config", str(yml)]) == 2
+    line = _one_error_line(capsys)
+    assert str(yml) in line and "YAML" in line and "line 2" in line
+    js = tmp_path / "broken.json"
+    js.write_text('{"batch_size": 4,}')
+    assert main(["train", "--config", str(js)]) == 2
+    assert str(js) in _one_error_line(capsys)
+    flags = ["--chunked_embeddings_dir", str(data), "--output_dir", str(tmp_path / "o"), "--model_size", "micro",
+             "--no_progress"]
+    assert main(["train", *flags, "--device", "gpu"]) == 2
+    assert "--device gpu" in _one_error_line(capsys)
+    # --debug_mode adds the traceback
+    assert main(["train", "--config", str(yml), "--debug_mode"]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused_at_start(data, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", "--chunked_embeddings_dir", str(data), "--output_dir", str(out), "--model_size", "micro",
+                 "--device", "cuda", "--no_progress"]) == 2
+    line = _one_error_line(capsys)
+    assert "--device cuda" in line and "CUDA is not available" in line
+    assert not out.exists()
+
+
+def test_divergence_stop_is_an_error_line(tmp_path, capsys):
+    from blip3o_denoise.data.seed_format import write_seed_shard
+
+    d = tmp_path / "nan"
+    d.mkdir()
+    clip, eva = torch.full((20, 16, 16), float("nan")), torch.randn(20, 16, 32)
+    write_seed_shard(d, 0, clip, eva, [f"k{i}" for i in range(20)], [""] * 20, False)
+    assert main(["train", "--chunked_embeddings_dir", str(d), "--output_dir", str(tmp_path / "o"), "--model_size",
+                 "micro", "--hidden_size", "32", "--depth", "1", "--batch_size", "4", "--max_bad_steps", "2",
+                 "--holdout_fraction", "0.2", "--no_progress"]) == 2
+    assert "non-finite steps in a row" in _one_error_line(capsys)

@@ -88,9 +88,17 @@ def load_config_file(path: str) -> dict:
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"--config {p}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {p}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
     if not isinstance(data, dict):
         raise ValueError(f"--config {p}: expected a mapping of option names to values")
     return data
@@ -379,12 +387,31 @@ COMMANDS = {
 }
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the input's fault, not the program's: printed as one line, no traceback."""
+    import yaml
+
+    from .data.safe_pickle import UnsafePickleError
+    from .train import TrainingError
+
+    return (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+            UnsafePickleError, yaml.YAMLError, TrainingError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a user error is one ``error: ...`` line on stderr and exit code 2 (with the
+    traceback too under --debug_mode)."""
     ns = build_parser().parse_args(argv)
     try:
         return COMMANDS[ns.command](ns)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise
+        if getattr(ns, "debug_mode", False):
+            import traceback
+
+            traceback.print_exc()
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
 
 

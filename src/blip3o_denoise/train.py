@@ -182,12 +182,29 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on for a reason the user can act on (it diverged, an optional package is
+    missing). The command line prints it as one ``error:`` line."""
+
+
 def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch device; a ValueError (naming the flag) for one this machine does not have."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (this torch {torch.__version__} "
+                             f"{'has no CUDA support' if torch.version.cuda is None else 'finds no GPU'}); "
+                             "use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -478,13 +495,14 @@ class _Reporter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError("--report_to tensorboard needs `pip install blip3o-denoise[tensorboard]`") from e
+                raise TrainingError("--report_to tensorboard needs `pip install blip3o-denoise[tensorboard]`") from e
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
         elif report_to == "wandb":
             try:
                 import wandb
             except ImportError as e:
-                raise RuntimeError("--report_to wandb needs `pip install blip3o-denoise[wandb]` (WANDB_MODE=offline works)") from e
+                raise TrainingError("--report_to wandb needs `pip install blip3o-denoise[wandb]` "
+                                    "(WANDB_MODE=offline works)") from e
             self.wandb = wandb.init(project="blip3o-denoise", config=config, dir=str(out_dir))
 
     def log(self, record: dict):
@@ -592,6 +610,7 @@ def apply_optimizer_options(optimizer, scheduler, cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; return the final evaluation (also written to OUTPUT/results.json)."""
+    resolve_device(cfg.device)  # a device this machine lacks is refused before anything starts
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
@@ -736,7 +755,7 @@ def _train(cfg: TrainConfig) -> dict:
                     print(f"step {step}: non-finite {'loss' if not finite else 'gradient'}; update skipped "
                           f"({counters['skipped_nonfinite']} so far)")
                 if bad_in_a_row >= cfg.max_bad_steps:
-                    raise RuntimeError(
+                    raise TrainingError(
                         f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping. Lower --learning_rate, "
                         "keep --max_grad_norm > 0, or check the data with `blip3o-denoise inspect`"
                     )
