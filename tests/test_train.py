@@ -529,3 +529,26 @@ def test_divergence_stop_is_an_error_line(tmp_path, capsys):
                  "micro", "--hidden_size", "32", "--depth", "1", "--batch_size", "4", "--max_bad_steps", "2",
                  "--holdout_fraction", "0.2", "--no_progress"]) == 2
     assert "non-finite steps in a row" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"model_size": "tiny"}, ["--model_size 'micro' -> 'tiny'", "model hidden_size 64 -> 384", "model depth 2 -> 6"]),
+    ({"conditioning": "both", "prediction_type": "target"},
+     ["--conditioning 'aligned' -> 'both'", "--prediction_type 'velocity' -> 'target'"]),
+    ({"hidden_size": 32, "depth": 1}, ["--hidden_size 0 -> 32", "--depth 0 -> 1", "model hidden_size 64 -> 32"]),
+    ({"task_mode": "eva_denoising"}, ["--task_mode 'clip_denoising' -> 'eva_denoising'", "model input_dim 16 -> 32"]),
+])
+def test_resume_with_a_different_model_or_task_is_refused(data, tmp_path, capsys, change, named):
+    out = tmp_path / "r"
+    train(tiny(data, out, max_steps=1))
+    before = [(c.name, (c / "model.safetensors").read_bytes()) for c in checkpoint_dirs(out)]
+    capsys.readouterr()
+    argv = ["train", "--chunked_embeddings_dir", str(data), "--output_dir", str(out), "--model_size", "micro",
+            "--batch_size", "8", "--max_steps", "2", "--holdout_fraction", "0.2", "--no_progress", "--resume"]
+    for k, v in change.items():
+        argv += [f"--{k}", str(v)]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "cannot resume" in line and all(n in line for n in named), line
+    assert "size mismatch" not in line
+    assert [(c.name, (c / "model.safetensors").read_bytes()) for c in checkpoint_dirs(out)] == before

@@ -608,6 +608,29 @@ def apply_optimizer_options(optimizer, scheduler, cfg: TrainConfig) -> None:
     scheduler._last_lr = [g["lr"] for g in groups]
 
 
+# Options that define the model's parameters or what it predicts: a checkpoint with other values
+# cannot be resumed (its weights would not load, or would silently mean something else).
+_RESUME_FIXED = ("task_mode", "training_mode", "model_size", "conditioning", "prediction_type", "hidden_size",
+                 "depth", "num_heads", "num_kv_heads")
+# Model config entries that change neither the parameters nor their meaning.
+_MODEL_FREE = ("cond_dropout", "grad_checkpointing")
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """Differences between a checkpoint's run config and the resuming run's that make resuming wrong,
+    each as ``"name old -> new"`` (flags as ``--name``, derived model settings as ``model name``)."""
+    out = []
+    st, ct = saved.get("train", {}), current.get("train", {})
+    for k in _RESUME_FIXED:
+        if k in st and k in ct and st[k] != ct[k]:
+            out.append(f"--{k} {st[k]!r} -> {ct[k]!r}")
+    sm, cm = saved.get("model", {}), current.get("model", {})
+    for k in sorted(set(sm) | set(cm)):
+        if k not in _MODEL_FREE and sm.get(k) != cm.get(k):
+            out.append(f"model {k} {sm.get(k)!r} -> {cm.get(k)!r}")
+    return out
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; return the final evaluation (also written to OUTPUT/results.json)."""
     resolve_device(cfg.device)  # a device this machine lacks is refused before anything starts
@@ -640,6 +663,12 @@ def _train(cfg: TrainConfig) -> dict:
         ckpts = checkpoint_dirs(out)
         if ckpts:
             ck = ckpts[-1]
+            conflicts = resume_conflicts(json.loads((ck / "config.json").read_text()), run.run_config)
+            if conflicts:
+                raise ValueError(
+                    f"{ck}: cannot resume with a different model or task: " + ", ".join(conflicts)
+                    + ". Resume with the checkpoint's options, or train the new setting in a new --output_dir"
+                )
             st = torch.load(ck / "training_state.pt", weights_only=True)
             if bool(st.get("fsdp", False)) != cfg.fsdp:
                 raise ValueError(f"{ck}: written with --fsdp {'on' if st.get('fsdp') else 'off'}; resume with the same setting")
