@@ -125,3 +125,76 @@ def test_generation_verdict():
     assert generation_verdict(entry(1.6, 0.7, 0.8, 0.2, 0.1))["sampler"] == "collapsed toward the mean"
     assert generation_verdict(entry(0.5, 0.7, 0.8, 0.2, 0.1))["sampler"] == "over-dispersed"
     assert generation_verdict(entry(None, 0.0, 0.8, 0.2, 0.1))["sampler"] == "no signal"
+
+
+def _micro_model(d=16, dc=24, seed=0):
+    from blip3o_denoise.model import UniversalDiT, config_from_preset
+
+    torch.manual_seed(seed)
+    model = UniversalDiT(config_from_preset("micro", d, dc, hidden_size=32, depth=1, num_heads=2, num_kv_heads=1))
+    # AdaLN-zero starts with zero output: give the final layer weights so outputs depend on the input
+    for p in model.parameters():
+        if p.dim() >= 2 and float(p.detach().abs().max()) == 0.0:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+def _batch(b=6, n=4, d=16, dc=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"target": S.normalize(torch.randn(b, n, d, generator=g)), "condition": torch.randn(b, n, dc, generator=g)}
+
+
+def test_evaluate_batches_k_samples_and_reports_both_point_readings():
+    from blip3o_denoise.evaluate import EvalConfig, evaluate
+
+    model, batch = _micro_model(), _batch()
+    cfg = EvalConfig(num_steps=3, noise_levels=(0.5,), sample_counts=(1, 4), distribution=False, batch_size=8)
+    a = evaluate(model, batch, "velocity", "clip_denoising", 0.0, 1.0, cfg)
+    b = evaluate(model, batch, "velocity", "clip_denoising", 0.0, 1.0, cfg)
+    g = a["generation"]
+    assert g["mean_of_k"] == b["generation"]["mean_of_k"]  # seeded: repeatable
+    # the K samples of one condition come from different noise: not all equal
+    assert g["diversity"] < 0.999
+    assert set(g["mean_of_k"]) == {"1", "4"}
+    for part in (g, a["denoising"]["0.5"]):
+        assert part["point_estimate"]["cosine_mean"] != part["point_estimate_exp_map"]["cosine_mean"]
+    assert g["dispersion_ratio"] == dispersion_ratio(g["model"]["cosine_mean"], g["point_estimate"]["cosine_mean"])
+
+
+def test_evaluate_bf16_is_close_to_fp32_and_labelled():
+    from blip3o_denoise.evaluate import EvalConfig, evaluate
+
+    model, batch = _micro_model(), _batch()
+    res = {p: evaluate(model, batch, "velocity", "clip_denoising", 0.0, 1.0,
+                       EvalConfig(num_steps=3, noise_levels=(0.5,), sample_counts=(1,), distribution=False,
+                                  precision=p)) for p in ("fp32", "bf16")}
+    assert res["bf16"]["precision"] == "bf16" and res["fp32"]["precision"] == "fp32"
+    for key in ("model", "point_estimate"):
+        a, b = (res[p]["denoising"]["0.5"][key]["cosine_mean"] for p in ("fp32", "bf16"))
+        assert a != b and abs(a - b) < 0.02
+
+
+def test_eva_denoising_reports_the_copy_the_condition_baseline():
+    from blip3o_denoise.evaluate import EvalConfig, evaluate
+
+    model = _micro_model(d=16, dc=16)
+    t = _batch(d=16, dc=16)["target"]
+    res = evaluate(model, {"target": t, "condition": t}, "velocity", "eva_denoising", 0.0, 0.9,
+                   EvalConfig(num_steps=2, noise_levels=(0.5,), distribution=False))
+    copy = res["denoising"]["0.5"]["baselines"]["copy_condition"]["cosine_mean"]
+    assert abs(copy - 1.0) < 1e-5
+
+
+def test_final_in_training_evaluation_is_bounded_by_training_compute():
+    from blip3o_denoise.evaluate import EvalConfig, evaluation_cost
+    from blip3o_denoise.train import FINAL_SAMPLE_COUNTS, TrainConfig, final_eval_samples
+
+    cfg = TrainConfig(chunked_embeddings_dir="x", batch_size=16, min_noise_level=0.0, max_noise_level=1.0,
+                      num_inference_steps=20)
+    ecfg = EvalConfig(num_steps=20, sample_counts=FINAL_SAMPLE_COUNTS)
+    per_sample = evaluation_cost(ecfg, True, 0.0, 1.0)
+    assert per_sample == 4 * 20 + 1 + 4 * 21
+    # 2000 steps x 16 samples x 3 forwards = 96000 sample-forwards; 10% of that buys 58 samples
+    assert final_eval_samples(cfg, 2000, ecfg, 500) == int(0.1 * 96000 / per_sample)
+    assert final_eval_samples(cfg, 2000, ecfg, 30) == 30  # never more than there are
+    assert final_eval_samples(cfg, 10, ecfg, 500) == 8  # a floor, so a short run still reports something

@@ -166,6 +166,7 @@ def _eval_config(ns, den):
         noise_levels=tuple(float(x) for x in ns.noise_levels.split(",")) if ns.noise_levels else (),
         sample_counts=tuple(int(k) for k in ns.sample_counts.split(",")), guidance=ns.guidance, seed=ns.seed,
         distribution=not ns.no_distribution, pca_dim=ns.pca_dim,
+        precision=ns.precision or den.config["train"].get("precision", "fp32"), progress=not ns.no_progress,
     )
 
 
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pca_dim", type=int, default=64, help="PCA dimension of the distribution metrics")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="model calls in fp32 or under bf16 autocast (default: the training run's)")
+    e.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 
     w = sub.add_parser("sweep", help="cosine (point estimate, single sample, mean of K) against sampling steps and guidance")
     w.add_argument("--checkpoint", required=True)

@@ -27,8 +27,9 @@ class PCABasis:
         return cls(mean, v[:k].T.contiguous())
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = normalize(tokens.reshape(-1, tokens.shape[-1]).double())
-        return (x - self.mean) @ self.components
+        # the basis is fitted on the CPU; tokens may live on a GPU
+        x = normalize(tokens.reshape(-1, tokens.shape[-1]).double()).cpu()
+        return (x - self.mean.cpu()) @ self.components.cpu()
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -17,14 +17,17 @@ direction, the per-position mean and a ridge regression fitted on the training s
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from . import sphere
 from .baselines import Ridge, fit_ridge
 from .distribution import PCABasis, distribution_metrics
-from .sampling import generate, noise_to_level, point_estimate
+from .flow import POINT_ESTIMATES, prediction_to_target
+from .sampling import generate, noise_to_level
 
 QUALITY_THRESHOLDS = {"eva_denoising": (0.7, 0.8, 0.9), "clip_denoising": (0.6, 0.7, 0.8)}
 # the seed README's ratings: (excellent, good, fair)
@@ -40,7 +43,9 @@ class EvalConfig:
     sample_counts: tuple = (1, 2, 4, 8)  # K for the normalised mean of K generated samples
     guidance: float = 1.0
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = 64  # rows per model call: conditions x K samples for generation
+    precision: str = "fp32"  # "bf16": model calls under bf16 autocast (metrics stay in float32)
+    progress: bool = False
     distribution: bool = True
     pca_dim: int = 64
     knn_k: int = 3
@@ -176,13 +181,24 @@ def rating(cos: float, task_mode: str) -> str:
     return "excellent" if cos > excellent else "good" if cos > good else "fair" if cos > fair else "poor"
 
 
+def evaluation_cost(cfg: EvalConfig, generation: bool, min_noise_level: float, max_noise_level: float) -> int:
+    """Model calls per held-out sample (each one sample-forward): to size an evaluation against training."""
+    calls = (max(cfg.sample_counts) * cfg.num_steps + 1) if generation else 0
+    levels = [s for s in cfg.noise_levels if min_noise_level - 1e-6 <= s <= max_noise_level + 1e-6]
+    return calls + len(levels) * (cfg.num_steps + 1)
+
+
 @torch.no_grad()
 def evaluate(
     model, batch: dict, prediction_type: str, task_mode: str, min_noise_level: float, max_noise_level: float,
     cfg: EvalConfig | None = None, baselines: Baselines | None = None,
 ) -> dict:
     """Evaluate on ``batch = {"target": [B, N, D], "condition": [B, N, De]}`` (held-out samples,
-    read once by the caller). Returns the dict documented in the README."""
+    read once by the caller). Returns the dict documented in the README.
+
+    The K samples of a condition are drawn in one batched call (``[K * b]`` rows), model calls run
+    under ``cfg.precision``; metrics are computed in float32.
+    """
     cfg = cfg or EvalConfig()
     started = time.time()
     model.eval()
@@ -191,31 +207,56 @@ def evaluate(
     thresholds = QUALITY_THRESHOLDS[task_mode]
     gen = torch.Generator().manual_seed(cfg.seed)
     result: dict = {"task_mode": task_mode, "num_images": int(target.shape[0]), "num_steps": cfg.num_steps,
-                    "solver": cfg.solver, "guidance": cfg.guidance}
+                    "solver": cfg.solver, "guidance": cfg.guidance, "precision": cfg.precision}
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
+    generation = max_noise_level >= 1.0 - 1e-6
+    levels = [s for s in cfg.noise_levels if min_noise_level - 1e-6 <= s <= max_noise_level + 1e-6]
+    k_max = max(cfg.sample_counts)
+    n = target.shape[0]
+    bar = tqdm(total=n * evaluation_cost(cfg, generation, min_noise_level, max_noise_level), desc="evaluate",
+               unit="call", disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0)
 
-    def chunked(fn, *tensors):
-        return torch.cat([fn(*(t[i:i + cfg.batch_size] for t in tensors)) for i in range(0, tensors[0].shape[0], cfg.batch_size)])
+    def chunked(fn, *tensors, rows=cfg.batch_size, calls=1):
+        outs = []
+        for i in range(0, tensors[0].shape[0], rows):
+            parts = [t[i:i + rows] for t in tensors]
+            with autocast:
+                outs.append(fn(*parts).float())
+            bar.update(parts[0].shape[0] * calls)
+        return torch.cat(outs)
+
+    def k_samples(c):  # [b, N, Dc] -> [K, b, N, D], the K samples of each condition in one call
+        x = generate(model, c.repeat(k_max, 1, 1), prediction_type, cfg.num_steps, cfg.solver,
+                     guidance=cfg.guidance, generator=gen)
+        return x.reshape(k_max, c.shape[0], *x.shape[1:]).transpose(0, 1)
+
+    def points(x, s):  # one model call, both readings of it: {rule: [B, N, D]}
+        def both(a, c):
+            t = torch.full((a.shape[0],), 1.0 - s, device=a.device)
+            a = sphere.normalize(a.float())
+            pred = model(a, t, c)
+            return torch.stack([prediction_to_target(pred, a, t, prediction_type, rule=r) for r in POINT_ESTIMATES], 1)
+
+        out = chunked(both, x, cond)
+        return {rule: out[:, i] for i, rule in enumerate(POINT_ESTIMATES)}
 
     def dist(x):
         if not (cfg.distribution and baselines is not None and baselines.pca is not None):
             return None
         return distribution_metrics(x, target, baselines.pca, cfg.knn_k, cfg.max_tokens, cfg.seed)
 
-    if max_noise_level >= 1.0 - 1e-6:
-        k_max = max(cfg.sample_counts)
-        samples = torch.stack([
-            chunked(lambda c: generate(model, c, prediction_type, cfg.num_steps, cfg.solver, guidance=cfg.guidance,
-                                       generator=gen), cond)
-            for _ in range(k_max)
-        ])
+    if generation:
+        rows = max(1, cfg.batch_size // k_max)
+        samples = chunked(k_samples, cond, rows=rows, calls=k_max * cfg.num_steps).transpose(0, 1)
         noise = sphere.normalize(torch.randn(target.shape, generator=gen)).to(device)
-        point = chunked(lambda x, c: point_estimate(model, x, c, 1.0, prediction_type), noise, cond)
+        pts = points(noise, 1.0)
         single = token_metrics(samples[0], target, thresholds)
-        pe = token_metrics(point, target, thresholds)
+        pe = token_metrics(pts["posterior_mean"], target, thresholds)
         entry = {
             "model": single,
             "mean_of_k": {str(k): mean_of_k_cosine(samples, target, k) for k in cfg.sample_counts},
             "point_estimate": pe,
+            "point_estimate_exp_map": token_metrics(pts["exp_map"], target, thresholds),
             "dispersion_ratio": dispersion_ratio(single["cosine_mean"], pe["cosine_mean"]),
             "diversity": diversity(samples),
             "baselines": {},
@@ -241,27 +282,30 @@ def evaluate(
             "needs --max_noise_level 1.0"
         )
     result["denoising"] = {}
-    skipped = []
-    for s in cfg.noise_levels:
-        if not (min_noise_level - 1e-6 <= s <= max_noise_level + 1e-6):
-            skipped.append(s)
-            continue
+    for s in levels:
         noisy = noise_to_level(target, s, gen)
         out = chunked(
             lambda x, c: generate(model, c, prediction_type, cfg.num_steps, cfg.solver, guidance=cfg.guidance,
                                   noise_level=s, x_start=x),
-            noisy, cond,
+            noisy, cond, calls=cfg.num_steps,
         )
-        point = chunked(lambda x, c: point_estimate(model, x, c, s, prediction_type), noisy, cond)
-        pe = token_metrics(point, target, thresholds)
+        pts = points(noisy, s)
+        pe = token_metrics(pts["posterior_mean"], target, thresholds)
         identity = token_metrics(noisy, target, thresholds)
-        result["denoising"][f"{s:g}"] = {
+        entry = {
             "model": token_metrics(out, target, thresholds),
             "point_estimate": pe,
+            "point_estimate_exp_map": token_metrics(pts["exp_map"], target, thresholds),
             "rating": rating(pe["cosine_mean"], task_mode),
             "beats_identity": pe["cosine_mean"] > identity["cosine_mean"],
             "baselines": {"identity": identity},
         }
+        if task_mode == "eva_denoising" and cond.shape == target.shape:
+            # the condition is the clean target itself: copying it is a perfect answer, not denoising
+            entry["baselines"]["copy_condition"] = token_metrics(cond, target, thresholds)
+        result["denoising"][f"{s:g}"] = entry
+    bar.close()
+    skipped = [s for s in cfg.noise_levels if s not in levels]
     if skipped:
         result["denoising_skipped_levels"] = skipped
     if baselines is not None:

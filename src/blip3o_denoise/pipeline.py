@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from .model import ModelConfig, UniversalDiT
-from .sampling import generate
+from .sampling import generate, point_estimate
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -77,3 +77,12 @@ class Denoiser:
         self._check(noise_level)
         return generate(self.model, condition.to(self.device), self.prediction_type, num_steps or self.num_steps,
                         solver or self.solver, guidance=guidance, noise_level=noise_level, x_start=noisy.to(self.device))
+
+    def point_estimate(self, noisy: torch.Tensor, condition: torch.Tensor, noise_level: float,
+                       rule: str = "posterior_mean") -> torch.Tensor:
+        """One model call: ``normalize(E[x1 | noisy, condition])`` for ``noisy [B, N, D]`` at ``noise_level``
+        (1 = pure noise: the conditional mean direction of the target). ``rule="exp_map"`` gives the
+        older reading ``exp_{x_t}((1 - t) v)``, kept for comparison."""
+        self._check(noise_level)
+        return point_estimate(self.model, noisy.to(self.device), condition.to(self.device), noise_level,
+                              self.prediction_type, rule=rule)

@@ -104,13 +104,18 @@ def generate(
 
 @torch.inference_mode()
 def point_estimate(
-    model, x_t: torch.Tensor, cond: torch.Tensor, noise_level: float, prediction_type: str, time_eps: float = 1e-2
+    model, x_t: torch.Tensor, cond: torch.Tensor, noise_level: float, prediction_type: str, time_eps: float = 1e-2,
+    rule: str = "posterior_mean",
 ) -> torch.Tensor:
-    """The clean tokens predicted from one model evaluation at noise level ``noise_level``."""
+    """The clean tokens predicted from one model evaluation at noise level ``noise_level``.
+
+    ``rule``: ``posterior_mean`` (``normalize(E[x1 | x_t, c])``, the default) or ``exp_map``; see
+    :func:`blip3o_denoise.flow.prediction_to_target`.
+    """
     b = x_t.shape[0]
     t = torch.full((b,), 1.0 - noise_level, device=x_t.device)
     x_t = sphere.normalize(x_t.float())
-    return prediction_to_target(model(x_t, t, cond), x_t, t, prediction_type, time_eps)
+    return prediction_to_target(model(x_t, t, cond), x_t, t, prediction_type, time_eps, rule)
 
 
 def noise_to_level(x1: torch.Tensor, noise_level: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .data.dataset import TASK_MODES, TRAINING_MODES, Embeddings, PairDataset, split_indices
-from .evaluate import Baselines, EvalConfig, evaluate, fit_baselines, format_results
+from .evaluate import Baselines, EvalConfig, evaluate, evaluation_cost, fit_baselines, format_results
 from .flow import NOISE_SCHEDULES, PREDICTION_TYPES, FlowConfig, flow_loss, sample_path, sample_seed
 from .model import CONDITIONING_MODES, PRESETS, UniversalDiT, config_from_preset
 from .sampling import SOLVERS
@@ -545,22 +545,44 @@ def eval_model(run: Run):
     return model
 
 
+# Sample counts K of the final in-training evaluation (`evaluate` reports 1, 2, 4, 8 by default).
+FINAL_SAMPLE_COUNTS = (1, 4)
+# The final in-training evaluation costs at most this share of the training compute (in sample
+# forwards; a training step costs about 3 forwards per sample), and never fewer than 8 samples.
+FINAL_EVAL_SHARE = 0.1
+
+
+def final_eval_samples(cfg: TrainConfig, total_steps: int, ecfg: EvalConfig, available: int) -> int:
+    """How many held-out samples the final in-training evaluation uses (deterministic: counted in
+    model calls, not seconds). The full evaluation is ``blip3o-denoise evaluate``."""
+    train_calls = 3 * total_steps * cfg.batch_size * cfg.gradient_accumulation_steps
+    per_sample = max(1, evaluation_cost(ecfg, cfg.max_noise_level >= 1.0 - 1e-6, cfg.min_noise_level,
+                                        cfg.max_noise_level))
+    return min(available, max(8, int(FINAL_EVAL_SHARE * train_calls / per_sample)))
+
+
 def run_evaluation(run: Run, step: int, model, final: bool = False) -> dict:
-    """Held-out evaluation with the EMA weights: light during training, complete at the end."""
+    """Held-out evaluation with the EMA weights: light during training, bounded at the end."""
     cfg = run.cfg
+    common = dict(num_steps=cfg.num_inference_steps, solver=cfg.solver, seed=cfg.seed, precision=cfg.precision,
+                  progress=cfg.progress)
+    n = len(run.eval_set)
     if final:
         baselines = fit_baselines(run.train_set, ridge=True)
-        ecfg = EvalConfig(num_steps=cfg.num_inference_steps, solver=cfg.solver, seed=cfg.seed)
+        ecfg = EvalConfig(sample_counts=FINAL_SAMPLE_COUNTS, **common)
+        n = final_eval_samples(cfg, run.total_steps, ecfg, n)
     else:
         if run.light_baselines is None:
             run.light_baselines = fit_baselines(run.train_set, max_samples=128, ridge=False)
         baselines = run.light_baselines
         levels = (0.5,) if cfg.max_noise_level >= 1 else (0.5, cfg.max_noise_level)
-        ecfg = EvalConfig(num_steps=cfg.num_inference_steps, solver=cfg.solver, seed=cfg.seed, noise_levels=levels,
-                          sample_counts=(1,), distribution=False)
-    res = evaluate(model, run.eval_set.stack(), cfg.prediction_type, cfg.task_mode, cfg.min_noise_level,
+        ecfg = EvalConfig(noise_levels=levels, sample_counts=(1,), distribution=False, **common)
+    res = evaluate(model, run.eval_set.stack(list(range(n))), cfg.prediction_type, cfg.task_mode, cfg.min_noise_level,
                    cfg.max_noise_level, ecfg, baselines)
     res["step"] = step
+    if final:
+        res["note"] = (f"in-training evaluation on {res['num_images']} of {len(run.eval_set)} held-out samples "
+                       f"(K = {', '.join(map(str, FINAL_SAMPLE_COUNTS))}); the full one: blip3o-denoise evaluate")
     if run.overfit_set is not None:
         res["overfit_test"] = overfit_check(run, model)
     return res
