@@ -166,3 +166,30 @@ def test_posterior_mean_point_estimate_recovers_a_spread_posterior(t):
         assert em_cos.mean() < pm_cos.mean() - 0.04
     if t >= 0.3:
         assert spread > 0.999 and em_cos.min() > 0.999
+
+LAWS = {  # the full laws' CDFs on [0, 1], written out independently of flow.py
+    "uniform": lambda s: s,
+    "cosine": lambda s: 2 / math.pi * torch.asin(s.clamp(0, 1).sqrt()),
+    "logit_normal": lambda s: torch.special.ndtr(torch.logit(s.clamp(1e-12, 1 - 1e-12))),
+}
+
+
+@pytest.mark.parametrize("schedule", F.NOISE_SCHEDULES)
+def test_sub_interval_law_is_truncated_not_squashed(schedule):
+    """On [0.2, 0.6] the draws follow F truncated, (F(s) - F(lo)) / (F(hi) - F(lo)), and not the full law
+    mapped affinely into the interval, F((s - lo) / (hi - lo)) (the two coincide only for uniform)."""
+    lo, hi = 0.2, 0.6
+    s = draw(schedule, n=20000, lo=lo, hi=hi).double().sort().values
+    cdf = LAWS[schedule]
+    emp_hi = torch.arange(1, len(s) + 1, dtype=torch.float64) / len(s)
+    emp_lo = emp_hi - 1.0 / len(s)
+
+    def ks(model_cdf):
+        return float(torch.maximum((emp_hi - model_cdf).abs(), (emp_lo - model_cdf).abs()).max())
+
+    flo, fhi = cdf(torch.tensor(lo, dtype=torch.float64)), cdf(torch.tensor(hi, dtype=torch.float64))
+    truncated = ks((cdf(s) - flo) / (fhi - flo))
+    squashed = ks(cdf((s - lo) / (hi - lo)))
+    assert truncated < 0.02, truncated
+    if schedule != "uniform":
+        assert squashed > 0.08, squashed
