@@ -57,8 +57,8 @@ def test_fit_baselines_reads_only_training_samples(data, max_samples):
 
 
 def test_eval_dir_with_training_keys_is_refused(data, tmp_path):
-    cfg = dict(chunked_embeddings_dir=str(data), output_dir=str(tmp_path / "o"), model_size="micro", holdout_fraction=0.2,
-               progress=False)
+    cfg = dict(chunked_embeddings_dir=str(data), output_dir=str(tmp_path / "o"), model_size="micro",
+               holdout_fraction=0.2, progress=False)
     with pytest.raises(ValueError, match="also appear in the training split"):
         build(TrainConfig(eval_dir=str(data), **cfg))
     other = tmp_path / "other"  # another seed: other keys, the same widths
