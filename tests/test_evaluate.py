@@ -198,3 +198,27 @@ def test_final_in_training_evaluation_is_bounded_by_training_compute():
     assert final_eval_samples(cfg, 2000, ecfg, 500) == int(0.1 * 96000 / per_sample)
     assert final_eval_samples(cfg, 2000, ecfg, 30) == 30  # never more than there are
     assert final_eval_samples(cfg, 10, ecfg, 500) == 8  # a floor, so a short run still reports something
+
+
+def test_sweep_reports_distribution_per_solver_and_steps():
+    from blip3o_denoise.distribution import PCABasis
+    from blip3o_denoise.sweep import steps_to_match, sweep
+
+    model, batch = _micro_model(), _batch()
+    pca = PCABasis.fit(batch["target"].reshape(-1, 16), 8)
+    res = sweep(model, batch, "velocity", [1, 3], [1.0], k=2, solvers=("euler", "heun"), pca=pca)
+    assert [(r["solver"], r["steps"]) for r in res["rows"]] == [("euler", 1), ("euler", 3), ("heun", 1), ("heun", 3)]
+    for r in res["rows"]:
+        assert r["frechet_distance"] >= 0 and 0 <= r["recall"] <= 1 and "mean_of_2" in r
+    # one step of euler and heun is the same step (heun's last step is an euler step)
+    assert res["rows"][0]["frechet_distance"] == res["rows"][2]["frechet_distance"]
+    assert res["rows"][1]["frechet_distance"] != res["rows"][3]["frechet_distance"]
+
+
+def test_steps_to_match_picks_the_fewest_steps_within_tolerance():
+    from blip3o_denoise.sweep import steps_to_match
+
+    rows = [{"solver": "euler", "guidance": 1.0, "steps": s, "frechet_distance": fd}
+            for s, fd in ((1, 0.5), (4, 0.109), (10, 0.104), (50, 0.1))]
+    assert steps_to_match(rows) == {"euler, w=1": 4}
+    assert steps_to_match(rows, tolerance=0.05) == {"euler, w=1": 10}

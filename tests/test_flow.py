@@ -167,6 +167,20 @@ def test_posterior_mean_point_estimate_recovers_a_spread_posterior(t):
     if t >= 0.3:
         assert spread > 0.999 and em_cos.min() > 0.999
 
+
+def test_time_shift_moves_the_law_toward_noise_and_stays_truncated():
+    plain = draw("uniform", lo=0.1, hi=0.9)
+    shifted = draw("uniform", lo=0.1, hi=0.9, time_shift=3.0)
+    assert shifted.min() >= 0.1 and shifted.max() <= 0.9
+    assert shifted.mean() > plain.mean() + 0.1
+    # the shifted law's CDF is F(f^-1(s)): check it against the empirical CDF on [0, 1]
+    full = draw("uniform", time_shift=3.0)
+    for s in (0.25, 0.5, 0.75):
+        expected = s / (3.0 - 2.0 * s)
+        assert abs(float((full <= s).float().mean()) - expected) < 0.01
+    with pytest.raises(ValueError, match="time_shift"):
+        F.FlowConfig(time_shift=0.0)
+
 LAWS = {  # the full laws' CDFs on [0, 1], written out independently of flow.py
     "uniform": lambda s: s,
     "cosine": lambda s: 2 / math.pi * torch.asin(s.clamp(0, 1).sqrt()),

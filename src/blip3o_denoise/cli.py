@@ -60,7 +60,11 @@ HELP = {
     "num_kv_heads": "override the preset's key/value heads (0 = preset)",
     "logit_normal_mean": "mean of the logit-normal noise-level law",
     "logit_normal_std": "std of the logit-normal noise-level law",
+    "time_shift": "shift the noise-level law toward noise: s -> a s / (1 + (a - 1) s) (1 = no shift; "
+                  "larger inputs want more noise, e.g. 3)",
     "progress": "show a progress bar (--no_progress hides it)",
+    "skip_value_check": "skip the one read of the training and held-out data that finds NaN/inf values before "
+                        "training starts",
 }
 
 
@@ -146,6 +150,32 @@ def _load_eval_set(ck_config: dict, directory: str, split: str, holdout_fraction
     return ds
 
 
+def _refuse_nonfinite(batch: dict, ds, names: tuple[str, ...]) -> None:
+    """A ValueError naming the key of the first sample whose ``names`` tensors hold NaN or inf."""
+    import torch
+
+    for name in names:
+        bad = ~torch.isfinite(batch[name]).flatten(1).all(dim=1)
+        if bool(bad.any()):
+            i = int(batch["index"][int(bad.nonzero()[0])])
+            shard, row = ds.emb.locate(i)
+            raise ValueError(
+                f"{shard.path}: sample {row} (key {ds.emb.keys[i]!r}) has non-finite values (NaN or inf) in its "
+                f"{name}; `blip3o-denoise inspect --check_values` lists such shards"
+            )
+
+
+def _nonfinite_fields(obj, where: str = "") -> list[str]:
+    """Paths of the non-finite numbers in a nested result (a NaN must not pass for a score)."""
+    import math
+
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _nonfinite_fields(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in _nonfinite_fields(v, f"{where}[{i}]")]
+    return [where] if isinstance(obj, float) and not math.isfinite(obj) else []
+
+
 def _train_split(cfg: dict, train_dir: str):
     """The training split of a run (for fitting baselines), or None when its data is not here."""
     from .data.dataset import Embeddings, PairDataset, split_indices
@@ -181,6 +211,7 @@ def cmd_evaluate(ns) -> int:
     cfg = den.config
     ds = _load_eval_set(cfg, ns.chunked_embeddings_dir, ns.split, ns.holdout_fraction, ns.num_samples)
     batch = ds.stack()  # the held-out samples are read once, for every metric
+    _refuse_nonfinite(batch, ds, ("condition", "target"))
     train_set = _train_split(cfg, ns.train_dir)
     baselines = fit_baselines(train_set, ridge=not ns.no_ridge, pca_dim=ns.pca_dim) if train_set is not None else None
     if baselines is None:
@@ -188,6 +219,11 @@ def cmd_evaluate(ns) -> int:
     flow = cfg["flow"]
     result = evaluate(den.model, batch, flow["prediction_type"], cfg["train"]["task_mode"], flow["min_noise_level"],
                       flow["max_noise_level"], _eval_config(ns, den), baselines)
+    bad = _nonfinite_fields(result)
+    if bad:
+        raise ValueError(f"evaluation gave non-finite values in {', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''} (NaN/inf in the training data of the baselines, or a "
+                         "diverged model?): no results written")
     result["checkpoint"] = str(ns.checkpoint)
     result["data"] = {"directory": ns.chunked_embeddings_dir, "split": ns.split}
     result["total_seconds"] = round(time.time() - started, 2)
@@ -218,8 +254,12 @@ def cmd_generate(ns) -> int:
     outs, keys = [], []
     for i in range(0, len(ds), ns.batch_size):
         batch = ds.stack(list(range(i, min(i + ns.batch_size, len(ds)))))
+        _refuse_nonfinite(batch, ds, ("condition",))
         outs.append(den.generate(batch["condition"], num_steps=ns.num_steps, guidance=ns.guidance,
                                  seed=ns.seed + i).cpu())
+        if not bool(torch.isfinite(outs[-1]).all()):
+            raise ValueError(f"the model generated non-finite values for samples {i}..{i + len(outs[-1]) - 1}: "
+                             "nothing written (a diverged checkpoint?)")
         keys += [ds.emb.keys[int(j)] for j in batch["index"]]
     out = Path(ns.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -320,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--k", type=int, default=4, help="samples per condition for the mean-of-K cosine")
     w.add_argument("--num_samples", type=int, default=64)
     w.add_argument("--split", choices=("heldout", "all"), default="heldout")
-    w.add_argument("--solver", default="")
+    w.add_argument("--solver", default="", help="one or more of euler,heun,midpoint (default: the training run's)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--device", default="cpu")
+    w.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: the training run's")
 
     g = sub.add_parser("generate", help="generate target embeddings for the conditions in a directory")
     g.add_argument("--checkpoint", required=True)

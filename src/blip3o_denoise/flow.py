@@ -27,6 +27,8 @@ class FlowConfig:
     sphere_constraint_weight: float = 0.1
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
+    # Shift of the law toward noise: s -> a s / (1 + (a - 1) s) (a > 1: more noise; 1: none).
+    time_shift: float = 1.0
     # Conversions divide by (1 - t) (target) or t (noise); this floor keeps them finite at the ends.
     time_eps: float = 1e-2
 
@@ -42,14 +44,18 @@ class FlowConfig:
             )
         if self.sphere_constraint_weight < 0:
             raise ValueError(f"sphere_constraint_weight: expected >= 0, got {self.sphere_constraint_weight}")
+        if not (self.time_shift > 0 and math.isfinite(self.time_shift)):
+            raise ValueError(f"time_shift: expected a finite number > 0, got {self.time_shift}")
         if self.logit_normal_std <= 0:
             raise ValueError(f"logit_normal_std: expected > 0, got {self.logit_normal_std}")
 
 
 # Each schedule is a law on s in [0, 1] given by its CDF F and inverse CDF. Sampling inside
 # [min, max] draws u uniformly in [F(min), F(max)] and returns F^{-1}(u): the law truncated to the
-# interval, not squashed into it.
-def _cdf(s: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
+# interval, not squashed into it. A time shift a composes the law with the monotone map
+# f(s) = a s / (1 + (a - 1) s) (f(0) = 0, f(1) = 1), the shift toward noise used for large inputs
+# (as in SD3); its CDF is F(f^{-1}(s)), f^{-1}(s) = s / (a - (a - 1) s), so truncation still holds.
+def _base_cdf(s: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
     if cfg.noise_schedule == "uniform":
         return s
     if cfg.noise_schedule == "cosine":
@@ -59,13 +65,24 @@ def _cdf(s: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
     return torch.special.ndtr((logit - cfg.logit_normal_mean) / cfg.logit_normal_std)
 
 
-def _inverse_cdf(u: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
+def _base_inverse_cdf(u: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
     if cfg.noise_schedule == "uniform":
         return u
     if cfg.noise_schedule == "cosine":
         return torch.sin(0.5 * math.pi * u) ** 2
     z = torch.special.ndtri(u.clamp(1e-12, 1 - 1e-12))
     return torch.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * z)
+
+
+def _cdf(s: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
+    a = cfg.time_shift
+    return _base_cdf(s / (a - (a - 1.0) * s), cfg)
+
+
+def _inverse_cdf(u: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
+    a = cfg.time_shift
+    s = _base_inverse_cdf(u, cfg)
+    return a * s / (1.0 + (a - 1.0) * s)
 
 
 def sample_noise_level(

@@ -9,32 +9,65 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from . import sphere
-from .evaluate import mean_of_k_cosine
+from .distribution import distribution_metrics
+from .evaluate import fit_baselines, mean_of_k_cosine
 from .sampling import generate, point_estimate
 
 
-def sweep(model, batch: dict, prediction_type: str, steps_list, guidance_list, k: int = 4, solver: str = "euler",
-          seed: int = 0) -> dict:
+def sweep(model, batch: dict, prediction_type: str, steps_list, guidance_list, k: int = 4, solvers=("euler",),
+          seed: int = 0, pca=None, precision: str = "fp32", batch_size: int = 64) -> dict:
+    """For each (solver, guidance, steps): single-sample and mean-of-K cosine, and, with a PCA basis,
+    the distribution of single samples against the targets (Frechet distance, k-NN precision and
+    recall). Every setting starts from the same noise; the K samples of a condition run in one call."""
     target, cond = batch["target"], batch["condition"]
+    autocast = torch.autocast(cond.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     gen = torch.Generator().manual_seed(seed)
-    noise = sphere.normalize(torch.randn(target.shape, generator=gen))
-    point = point_estimate(model, noise, cond, 1.0, prediction_type)
+    noise = sphere.normalize(torch.randn(target.shape, generator=gen)).to(cond.device)
+    with autocast:
+        point = point_estimate(model, noise, cond, 1.0, prediction_type).float()
     point_cos = float((point * target).sum(-1).mean())
+    rows_per_call = max(1, batch_size // k)
     rows = []
-    for g in guidance_list:
-        for n in steps_list:
-            gen = torch.Generator().manual_seed(seed)  # same starting noise for every setting
-            t0 = time.time()
-            samples = torch.stack([generate(model, cond, prediction_type, n, solver, guidance=g, generator=gen) for _ in range(k)])
-            rows.append({"steps": n, "guidance": g, "single": mean_of_k_cosine(samples, target, 1),
-                         f"mean_of_{k}": mean_of_k_cosine(samples, target, k), "point_estimate": point_cos,
-                         "seconds": round(time.time() - t0, 3)})
-    return {"k": k, "solver": solver, "rows": rows}
+    for solver in solvers:
+        for g in guidance_list:
+            for n in steps_list:
+                gen = torch.Generator().manual_seed(seed)  # same starting noise for every setting
+                t0 = time.time()
+                parts = []
+                for i in range(0, cond.shape[0], rows_per_call):
+                    c = cond[i:i + rows_per_call]
+                    with autocast:
+                        x = generate(model, c.repeat(k, 1, 1), prediction_type, n, solver, guidance=g, generator=gen)
+                    parts.append(x.float().reshape(k, c.shape[0], *x.shape[1:]))
+                samples = torch.cat(parts, 1)
+                row = {"steps": n, "solver": solver, "guidance": g, "single": mean_of_k_cosine(samples, target, 1),
+                       f"mean_of_{k}": mean_of_k_cosine(samples, target, k), "point_estimate": point_cos,
+                       "seconds": round(time.time() - t0, 3)}
+                if pca is not None:
+                    d = distribution_metrics(samples[0], target, pca, seed=seed)
+                    row.update(frechet_distance=d["frechet_distance"], precision=d["precision"], recall=d["recall"])
+                rows.append(row)
+    return {"k": k, "solvers": list(solvers), "rows": rows}
+
+
+def steps_to_match(rows: list[dict], tolerance: float = 0.1) -> dict:
+    """Per (solver, guidance): the fewest steps whose Frechet distance is within ``tolerance`` (relative)
+    of the one at the most steps."""
+    out = {}
+    for key in sorted({(r["solver"], r["guidance"]) for r in rows}):
+        rs = sorted((r for r in rows if (r["solver"], r["guidance"]) == key and "frechet_distance" in r),
+                    key=lambda r: r["steps"])
+        if not rs:
+            continue
+        ref = rs[-1]["frechet_distance"]
+        out[f"{key[0]}, w={key[1]:g}"] = next(r["steps"] for r in rs if r["frechet_distance"] <= ref * (1 + tolerance))
+    return out
 
 
 def plot_sweep(result: dict, path: Path) -> None:
@@ -45,11 +78,11 @@ def plot_sweep(result: dict, path: Path) -> None:
 
     k = result["k"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for g in sorted({r["guidance"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["guidance"] == g]
+    for solver, g in sorted({(r["solver"], r["guidance"]) for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["guidance"] == g and r["solver"] == solver]
         steps = [r["steps"] for r in rows]
-        ax.plot(steps, [r["single"] for r in rows], "o-", label=f"single sample, w={g:g}")
-        ax.plot(steps, [r[f"mean_of_{k}"] for r in rows], "s--", label=f"mean of {k}, w={g:g}")
+        ax.plot(steps, [r["single"] for r in rows], "o-", label=f"single sample, {solver}, w={g:g}")
+        ax.plot(steps, [r[f"mean_of_{k}"] for r in rows], "s--", label=f"mean of {k}, {solver}, w={g:g}")
     ax.axhline(result["rows"][0]["point_estimate"], color="gray", ls=":", label="point estimate")
     ax.set_xscale("log")
     ax.set_xlabel("sampling steps")
@@ -62,30 +95,56 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 
 def run_sweep(ns) -> dict:
-    from .cli import _load_eval_set
+    from .cli import _load_eval_set, _train_split
     from .pipeline import Denoiser
 
     started = time.time()
+    try:  # know before the long computation whether a plot can be drawn
+        import matplotlib  # noqa: F401
+        can_plot = True
+    except ImportError:
+        can_plot = False
+        print("note: matplotlib is not installed (pip install blip3o-denoise[plot]): the table and JSON only")
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
     if den.max_noise_level < 1.0 - 1e-6:
-        raise ValueError(f"{ns.checkpoint}: trained up to noise level {den.max_noise_level}; a generation sweep needs --max_noise_level 1.0")
+        raise ValueError(f"{ns.checkpoint}: trained up to noise level {den.max_noise_level}; "
+                         "a generation sweep needs --max_noise_level 1.0")
     guidance = [float(g) for g in ns.guidance_scales.split(",")]
     if any(g != 1.0 for g in guidance) and den.model.cfg.cond_dropout == 0:
         raise ValueError("guidance scales other than 1 need a model trained with --cond_dropout > 0")
+    solvers = (ns.solver or den.solver).split(",")
     ds = _load_eval_set(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.num_samples)
     batch = ds.stack()
+    train_set = _train_split(den.config, "")
+    if train_set is not None:
+        pca = fit_baselines(train_set, ridge=False).pca
+    else:
+        print("note: the run's training data is not here: the distribution metrics use a PCA basis of the targets")
+        from .distribution import PCABasis
+
+        pca = PCABasis.fit(batch["target"].reshape(-1, batch["target"].shape[-1]), 64)
+    precision = ns.precision or den.config["train"].get("precision", "fp32")
     with torch.inference_mode():
         result = sweep(den.model, {k: v.to(den.device) for k, v in batch.items() if k != "index"}, den.prediction_type,
-                       [int(s) for s in ns.steps.split(",")], guidance, ns.k, ns.solver or den.solver, ns.seed)
+                       [int(s) for s in ns.steps.split(",")], guidance, ns.k, solvers, ns.seed, pca, precision)
+    result["steps_within_10pct_of_best_fd"] = steps_to_match(result["rows"])
     result["seconds"] = round(time.time() - started, 2)
     out = Path(ns.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    png = out.with_suffix(".png")
-    plot_sweep(result, png)
     key = f"mean_of_{result['k']}"
+    print(f"{'solver':<9}{'steps':>6}{'w':>5}{'single':>9}{'mean of ' + str(result['k']):>11}{'point':>8}"
+          f"{'FD':>8}{'prec.':>7}{'recall':>7}{'s':>7}")
     for r in result["rows"]:
-        print(f"steps {r['steps']:>3}  guidance {r['guidance']:<4g} single {r['single']:.4f}  mean of {result['k']} "
-              f"{r[key]:.4f}  point {r['point_estimate']:.4f}")
-    print(f"wrote {out} and {png} in {result['seconds']:.1f} s")
+        print(f"{r['solver']:<9}{r['steps']:>6}{r['guidance']:>5g}{r['single']:>9.4f}{r[key]:>11.4f}"
+              f"{r['point_estimate']:>8.4f}{r['frechet_distance']:>8.4f}{r['precision']:>7.3f}{r['recall']:>7.3f}"
+              f"{r['seconds']:>7.1f}")
+    for k, v in result["steps_within_10pct_of_best_fd"].items():
+        print(f"{k}: {v} steps reach the Frechet distance of {max(int(s) for s in ns.steps.split(','))} steps within 10%")
+    wrote = [str(out)]
+    if can_plot:
+        png = out.with_suffix(".png")
+        plot_sweep(result, png)
+        wrote.append(str(png))
+    print(f"wrote {' and '.join(wrote)} in {result['seconds']:.1f} s")
     return result

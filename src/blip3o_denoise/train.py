@@ -84,7 +84,9 @@ class TrainConfig:
     num_kv_heads: int = 0
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
+    time_shift: float = 1.0
     progress: bool = True
+    skip_value_check: bool = False
 
     def __post_init__(self):
         choices = {
@@ -126,6 +128,7 @@ class TrainConfig:
             min_noise_level=self.min_noise_level, max_noise_level=self.max_noise_level,
             sphere_constraint_weight=self.sphere_constraint_weight,
             logit_normal_mean=self.logit_normal_mean, logit_normal_std=self.logit_normal_std,
+            time_shift=self.time_shift,
         )
 
     @classmethod
@@ -412,6 +415,10 @@ def build(cfg: TrainConfig) -> Run:
         held_idx = list(range(len(eval_emb)))
     else:
         eval_emb = emb
+    if not cfg.skip_value_check:  # one read of the data: a NaN sample is named now, not met as a NaN loss later
+        emb.check_finite()
+        if eval_emb is not emb:
+            eval_emb.check_finite()
     if not held_idx:
         raise ValueError(
             f"{cfg.chunked_embeddings_dir}: no held-out samples (holdout_fraction={cfg.holdout_fraction}, {len(emb)} samples); "
