@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ..sphere import normalize
 from .safe_pickle import ShardFormatError
-from .seed_format import Shard, list_seed_shards, open_seed_shard, read_seed_manifest
+from .seed_format import Shard, check_finite, list_seed_shards, open_seed_shard, read_seed_manifest
 from .store import STORE_MANIFEST, open_store_shard, read_store_manifest
 
 TASK_MODES = ("eva_denoising", "clip_denoising")
@@ -65,6 +65,12 @@ class Embeddings:
 
     def __len__(self) -> int:
         return self._starts[-1]
+
+    def check_finite(self) -> None:
+        """Read every value once; a ShardFormatError names the file, field, sample and key of the
+        first NaN or inf (so a bad sample is found before training, not as a NaN loss later)."""
+        for s in self.shards:
+            check_finite(s)
 
     @property
     def has_cls(self) -> bool:

@@ -8,6 +8,7 @@ Each shard is a dict with ``clip_blip3o_embeddings [n, N, Dc]``, ``eva_blip3o_em
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -109,15 +110,27 @@ def open_seed_shard(path: str | os.PathLike) -> Shard:
     return validate_shard_dict(load_shard_file(path), path)
 
 
-def check_finite(shard: Shard, chunk: int = 16) -> None:
-    """Raise naming the file, field and sample if any value is NaN or infinite (reads in chunks)."""
-    for name, t in ((CLIP_KEY, shard.clip), (EVA_KEY, shard.eva)):
-        for i in range(0, shard.num_samples, chunk):
-            rows = t.rows(i, min(i + chunk, shard.num_samples))
-            bad = ~torch.isfinite(rows.float()).flatten(1).all(dim=1)
-            if bool(bad.any()):
-                j = i + int(bad.nonzero()[0])
-                raise ShardFormatError(f"{shard.path}: field '{name}' has non-finite values in sample {j} (key {shard.keys[j]!r})")
+def check_finite(shard: Shard, chunk_bytes: int = 1 << 25) -> None:
+    """Raise naming the file, field, sample index and key if any value is NaN or infinite.
+
+    One pass over the shard in reads of about ``chunk_bytes``; the offending sample is looked
+    for only in a chunk that holds one.
+    """
+    names = ("clip", "eva") if shard.path.endswith(".safetensors") else (CLIP_KEY, EVA_KEY)
+    for name, t in zip(names, (shard.clip, shard.eva)):
+        n = t.shape[0]
+        row_bytes = max(1, math.prod(t.shape[1:]) * torch.empty((), dtype=t.dtype).element_size())
+        step = max(1, chunk_bytes // row_bytes)
+        for i in range(0, n, step):
+            rows = t.rows(i, min(i + step, n))
+            finite = torch.isfinite(rows)
+            if bool(finite.all()):
+                continue
+            j = i + int((~finite.flatten(1).all(dim=1)).nonzero()[0])
+            key = shard.keys[j] if j < len(shard.keys) else None
+            raise ShardFormatError(
+                f"{shard.path}: field '{name}' has non-finite values (NaN or inf) in sample {j} (key {key!r})"
+            )
 
 
 def atomic_write_bytes(path: Path, write_fn) -> None:
