@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -38,8 +39,11 @@ class Denoiser:
         self.config = run_config
         self.prediction_type = run_config["flow"]["prediction_type"]
         self.max_noise_level = run_config["flow"]["max_noise_level"]
+        # below the lowest trained level the sampler jumps to the clean tokens (see sampling.generate)
+        self.min_noise_level = run_config["flow"].get("min_noise_level", 0.0)
         self.num_steps = run_config.get("train", {}).get("num_inference_steps", 50)
         self.solver = run_config.get("train", {}).get("solver", "euler")
+        self.tokens = run_config.get("data", {}).get("tokens")  # None: any count the model accepts
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> "Denoiser":
@@ -54,35 +58,96 @@ class Denoiser:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _check(self, noise_level: float):
+    def _check(self, noise_level: float) -> float:
+        try:  # a Python, NumPy or 0-d torch number; not a string or a bool
+            level = float("nan") if isinstance(noise_level, (bool, str, bytes)) else float(noise_level)
+        except (TypeError, ValueError, RuntimeError):
+            level = float("nan")
+        if not 0.0 < level <= 1.0:
+            raise ValueError(f"noise_level: expected a number in (0, 1] (0 clean, 1 pure noise), got {noise_level!r}")
+        noise_level = level
         if noise_level > self.max_noise_level + 1e-6:
             raise ValueError(
                 f"noise level {noise_level} is above the highest level seen in training ({self.max_noise_level}); "
                 "the model was never trained there (generation from pure noise needs --max_noise_level 1.0)"
             )
+        if noise_level < self.min_noise_level - 1e-6:
+            raise ValueError(
+                f"noise level {noise_level} is below the lowest level seen in training ({self.min_noise_level}); "
+                "the model was never trained there: start from a level in "
+                f"[{self.min_noise_level}, {self.max_noise_level}], or train with a lower --min_noise_level"
+            )
+        return noise_level
+
+    def _tokens(self, x, name: str, width: int, what: str, batch: int | None = None) -> torch.Tensor:
+        """``x`` checked to be a finite ``[B, N, width]`` tensor with the trained N (and ``batch`` rows)."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor [B, N, {width}], got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D tensor [B, N, {width}] (batch, tokens, {what} width), "
+                             f"got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"{name}: expected a non-empty [B, N, {width}] tensor, got shape {tuple(x.shape)}")
+        if x.shape[-1] != width:
+            raise ValueError(f"{name}: expected width {width} (the model's {what} width), got {x.shape[-1]} "
+                             f"(shape {tuple(x.shape)})")
+        if self.tokens is not None and x.shape[1] != self.tokens:
+            raise ValueError(f"{name}: expected {self.tokens} tokens per sample (what the model was trained on), "
+                             f"got {x.shape[1]} (shape {tuple(x.shape)})")
+        if batch is not None and x.shape[0] != batch:
+            raise ValueError(f"{name}: expected the condition's batch size {batch}, got {x.shape[0]}")
+        if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+            bad = "not floating point" if not x.is_floating_point() else "NaN or inf values"
+            raise ValueError(f"{name}: expected finite floating-point values, got {bad}")
+        return x.to(self.device)
+
+    def _steps(self, num_steps):
+        if num_steps is None:
+            return self.num_steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
+        return num_steps
 
     def generate(self, condition: torch.Tensor, num_steps: int | None = None, guidance: float = 1.0,
                  seed: int | None = None, solver: str | None = None) -> torch.Tensor:
         """Sample ``[B, N, D]`` clean tokens for ``condition [B, N, D_cond]`` from pure noise."""
         self._check(1.0)
+        cond = self._tokens(condition, "condition", self.model.cfg.cond_dim, "condition")
+        steps = self._steps(num_steps)
+        _check_guidance(guidance)
         if guidance != 1.0 and self.model.cfg.cond_dropout == 0.0:
-            raise ValueError("guidance != 1 needs a model trained with --cond_dropout > 0 (its null condition is untrained)")
+            raise ValueError("guidance != 1 needs a model trained with --cond_dropout > 0 "
+                             "(its null condition is untrained)")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        return generate(self.model, condition.to(self.device), self.prediction_type, num_steps or self.num_steps,
-                        solver or self.solver, guidance=guidance, generator=gen)
+        return generate(self.model, cond, self.prediction_type, steps, solver or self.solver, guidance=guidance,
+                        generator=gen, min_noise_level=self.min_noise_level)
 
     def denoise(self, noisy: torch.Tensor, condition: torch.Tensor, noise_level: float, num_steps: int | None = None,
                 guidance: float = 1.0, solver: str | None = None) -> torch.Tensor:
-        """Clean ``noisy [B, N, D]`` given at ``noise_level`` (0 clean .. 1 pure noise)."""
-        self._check(noise_level)
-        return generate(self.model, condition.to(self.device), self.prediction_type, num_steps or self.num_steps,
-                        solver or self.solver, guidance=guidance, noise_level=noise_level, x_start=noisy.to(self.device))
+        """Clean ``noisy [B, N, D]`` given at ``noise_level`` (0 clean .. 1 pure noise; at least the trained
+        minimum)."""
+        noise_level = self._check(noise_level)
+        cond = self._tokens(condition, "condition", self.model.cfg.cond_dim, "condition")
+        x = self._tokens(noisy, "noisy", self.model.cfg.input_dim, "input", batch=cond.shape[0])
+        steps = self._steps(num_steps)
+        _check_guidance(guidance)
+        if guidance != 1.0 and self.model.cfg.cond_dropout == 0.0:
+            raise ValueError("guidance != 1 needs a model trained with --cond_dropout > 0 "
+                             "(its null condition is untrained)")
+        return generate(self.model, cond, self.prediction_type, steps, solver or self.solver, guidance=guidance,
+                        noise_level=noise_level, x_start=x, min_noise_level=min(self.min_noise_level, noise_level))
 
     def point_estimate(self, noisy: torch.Tensor, condition: torch.Tensor, noise_level: float,
                        rule: str = "posterior_mean") -> torch.Tensor:
         """One model call: ``normalize(E[x1 | noisy, condition])`` for ``noisy [B, N, D]`` at ``noise_level``
         (1 = pure noise: the conditional mean direction of the target). ``rule="exp_map"`` gives the
         older reading ``exp_{x_t}((1 - t) v)``, kept for comparison."""
-        self._check(noise_level)
-        return point_estimate(self.model, noisy.to(self.device), condition.to(self.device), noise_level,
-                              self.prediction_type, rule=rule)
+        noise_level = self._check(noise_level)
+        cond = self._tokens(condition, "condition", self.model.cfg.cond_dim, "condition")
+        x = self._tokens(noisy, "noisy", self.model.cfg.input_dim, "input", batch=cond.shape[0])
+        return point_estimate(self.model, x, cond, noise_level, self.prediction_type, rule=rule)
+
+
+def _check_guidance(guidance) -> None:
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ValueError(f"guidance: expected a finite number (1 = no guidance), got {guidance!r}")

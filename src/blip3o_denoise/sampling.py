@@ -21,14 +21,17 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def integrate(
-    velocity_fn: VelocityFn, x: torch.Tensor, t_start: float, num_steps: int, solver: str = "euler"
+    velocity_fn: VelocityFn, x: torch.Tensor, t_start: float, num_steps: int, solver: str = "euler",
+    t_end: float = 1.0,
 ) -> torch.Tensor:
-    """Integrate ``dx/dt = v(x, t)`` on the sphere from ``t_start`` to 1 in ``num_steps`` equal steps.
+    """Integrate ``dx/dt = v(x, t)`` on the sphere from ``t_start`` to ``t_end`` (default 1) in ``num_steps``
+    equal steps.
 
     euler: ``x <- exp_x(dt v(x, t))`` (order 1). heun: average of the velocity at ``x`` and at the
-    Euler proposal (parallel-transported back to ``x``), order 2; its last step is an
+    Euler proposal (parallel-transported back to ``x``), order 2; when ``t_end = 1`` its last step is an
     Euler step, so the velocity is never asked for at ``t = 1`` exactly. midpoint: the velocity at
-    the half-step point, transported back to ``x``, order 2.
+    the half-step point, transported back to ``x``, order 2. ``t_end < 1`` stops early (a model
+    trained only down to noise level ``s_min`` is integrated to ``t_end = 1 - s_min``, see :func:`generate`).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
@@ -36,13 +39,17 @@ def integrate(
         raise ValueError(f"num_steps: expected >= 1, got {num_steps}")
     if not 0.0 <= t_start < 1.0:
         raise ValueError(f"start time must be in [0, 1), got {t_start}")
+    if not t_start <= t_end <= 1.0:
+        raise ValueError(f"end time must be in [start time {t_start}, 1], got {t_end}")
+    if t_end == t_start:
+        return x
     b = x.shape[0]
-    ts = torch.linspace(t_start, 1.0, num_steps + 1, dtype=torch.float64)
+    ts = torch.linspace(t_start, t_end, num_steps + 1, dtype=torch.float64)
     for i in range(num_steps):
         t, dt = float(ts[i]), float(ts[i + 1] - ts[i])
         tb = torch.full((b,), t, device=x.device)
         v = velocity_fn(x, tb)
-        if solver == "heun" and i < num_steps - 1:
+        if solver == "heun" and (i < num_steps - 1 or t_end < 1.0):
             x_prop = sphere.exp_map(x, dt * v)
             v2 = velocity_fn(x_prop, tb + dt)
             v = 0.5 * (v + sphere.parallel_transport(x_prop, x, v2))
@@ -77,6 +84,7 @@ def model_velocity_fn(
             v = vu + guidance * (v - vu)
         return v
 
+    fn.cache, fn.null_cache = cache, null_cache  # for generate's final point estimate (min_noise_level > 0)
     return fn
 
 
@@ -84,13 +92,21 @@ def model_velocity_fn(
 def generate(
     model, cond: torch.Tensor, prediction_type: str, num_steps: int = 50, solver: str = "euler",
     guidance: float = 1.0, noise_level: float = 1.0, x_start: torch.Tensor | None = None,
-    generator: torch.Generator | None = None, time_eps: float = 1e-2,
+    generator: torch.Generator | None = None, time_eps: float = 1e-2, min_noise_level: float = 0.0,
 ) -> torch.Tensor:
     """Sample clean tokens ``[B, N, D_in]`` for ``cond [B, N, D_cond]``.
 
     From pure noise (``noise_level = 1``, ``x_start = None``) or from ``x_start`` at noise level
     ``noise_level`` (denoising). Returns unit-norm tokens.
+
+    ``min_noise_level``: the lowest noise level the model was trained on. Above 0, the ODE stops
+    there (``t_end = 1 - min_noise_level``, never querying the model below it) and the last move
+    to ``t = 1`` is the point estimate from that level (:func:`flow.prediction_to_target`, default
+    rule; with guidance, on the guided raw output ``p_u + w (p_c - p_u)``).
     """
+    if not 0.0 <= min_noise_level <= noise_level:
+        raise ValueError(f"noise level {noise_level} is below min_noise_level {min_noise_level} "
+                         "(the lowest noise level the model was trained on)")
     b, n = cond.shape[:2]
     if x_start is None:
         if noise_level != 1.0:
@@ -99,7 +115,16 @@ def generate(
         x_start = eps.to(cond.device)
     x = sphere.normalize(x_start.float())
     fn = model_velocity_fn(model, cond, prediction_type, guidance, time_eps, num_tokens=n)
-    return integrate(fn, x, 1.0 - noise_level, num_steps, solver)
+    t_end = 1.0 - min_noise_level
+    x = integrate(fn, x, 1.0 - noise_level, num_steps, solver, t_end=t_end)
+    if min_noise_level == 0.0:
+        return x
+    t = torch.full((b,), t_end, device=x.device)
+    pred = model(x, t, cache=fn.cache)
+    if fn.null_cache is not None:
+        pred_u = model(x, t, cache=fn.null_cache)
+        pred = pred_u + guidance * (pred - pred_u)
+    return prediction_to_target(pred, x, t, prediction_type, time_eps)
 
 
 @torch.inference_mode()
