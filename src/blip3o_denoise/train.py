@@ -337,13 +337,27 @@ def load_full_state(model, optimizer, model_sd: dict, optim_sd: dict) -> None:
         optimizer.load_state_dict(optim_sd)
 
 
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "training_state.pt", "config.json")
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory by first renaming it out of the ``step_*`` namespace (atomic), so that a process
+    killed while deleting leaves a ``.trash_*`` directory (removed at the next save), never a half ``step_*``."""
+    trash = path.with_name(f".trash_{path.name}_{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(out_dir: Path, step: int, model_sd: dict, ema_sd: dict, training_state: dict, run_config: dict,
                     keep: int) -> Path:
     """Write ``checkpoints/step_N`` through a temporary directory renamed into place."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    for stale in root.glob(".tmp_step_*"):  # left by a process killed while writing
+    # left by a process killed while writing or deleting: half-written temporaries, trash, and step_*
+    # directories without config.json (emptied by a delete that an older version did in place)
+    for stale in [*root.glob(".tmp_step_*"), *root.glob(".trash_*"),
+                  *(p for p in root.glob("step_*") if p.is_dir() and not (p / "config.json").exists())]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     tmp.mkdir()
@@ -355,11 +369,36 @@ def save_checkpoint(out_dir: Path, step: int, model_sd: dict, ema_sd: dict, trai
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():
-        shutil.rmtree(final)
+        _remove_dir(final)
     os.replace(tmp, final)
     for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_dir(old)
     return final
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, missing); the message names the file."""
+
+
+def read_checkpoint(ck: Path) -> tuple[dict, dict, dict, dict]:
+    """``(run_config, training_state, model_sd, ema_sd)`` of checkpoint ``ck``, every file read in full before
+    anything is loaded into a model; a :class:`CheckpointError` naming the first unreadable file."""
+    def read(name, fn):
+        path = ck / name
+        try:
+            return fn(path)
+        except Exception as e:  # truncated safetensors, a torn pickle stream, bad JSON, a missing file
+            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:200]})") from e
+
+    run_config = read("config.json", lambda p: json.loads(p.read_text()))
+    state = read("training_state.pt", lambda p: torch.load(p, weights_only=True))
+    missing = [k for k in ("optimizer", "scheduler", "ema_n_averaged", "rng", "step", "epoch", "batch_in_epoch")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{ck / 'training_state.pt'}: unreadable (no {', '.join(missing)})")
+    model_sd = read("model.safetensors", lambda p: load_file(str(p)))
+    ema_sd = read("ema.safetensors", lambda p: load_file(str(p)))
+    return run_config, state, model_sd, ema_sd
 
 
 def export_model(out_dir: Path, ema_sd: dict, run_config: dict) -> Path:
@@ -493,17 +532,24 @@ def build(cfg: TrainConfig) -> Run:
 
 
 class _Reporter:
-    """metrics.jsonl always; TensorBoard or Weights & Biases when asked for (and installed)."""
+    """metrics.jsonl always; TensorBoard or Weights & Biases when asked for (and installed).
 
-    def __init__(self, out_dir: Path, report_to: str, config: dict):
+    On a resume from step ``resume_step`` the records a killed run wrote after that step (which the
+    resumed run replays) are dropped first, with a line torn by the kill, so every step appears once.
+    """
+
+    def __init__(self, out_dir: Path, report_to: str, config: dict, resume_step: int | None = None):
         self.path = out_dir / "metrics.jsonl"
         self.tb = self.wandb = None
+        if resume_step is not None:
+            self._truncate_after(resume_step)
         if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise TrainingError("--report_to tensorboard needs `pip install blip3o-denoise[tensorboard]`") from e
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            purge = resume_step + 1 if resume_step is not None else None  # hide the replayed steps' events
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
         elif report_to == "wandb":
             try:
                 import wandb
@@ -511,6 +557,24 @@ class _Reporter:
                 raise TrainingError("--report_to wandb needs `pip install blip3o-denoise[wandb]` "
                                     "(WANDB_MODE=offline works)") from e
             self.wandb = wandb.init(project="blip3o-denoise", config=config, dir=str(out_dir))
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep the records of steps <= ``step`` (not a final evaluation at ``step``: it is redone)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                continue
+            if rec["step"] < step or (rec["step"] == step and not rec.get("final")):
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, record: dict):
         with open(self.path, "a") as f:
@@ -688,21 +752,32 @@ def _train(cfg: TrainConfig) -> dict:
     step, epoch, batch_in_epoch = 0, 0, 0
     counters = {"skipped_nonfinite": 0}
 
+    resume_step = None
     if cfg.resume:
         ckpts = checkpoint_dirs(out)
-        if ckpts:
-            ck = ckpts[-1]
-            conflicts = resume_conflicts(json.loads((ck / "config.json").read_text()), run.run_config)
+        ck, unreadable = None, []
+        for cand in reversed(ckpts):  # newest first; a corrupt one is reported and the previous one tried
+            try:
+                saved_config, st, model_sd, ema_sd = read_checkpoint(cand)
+            except CheckpointError as e:
+                unreadable.append(str(e))
+                if main:
+                    print(f"warning: {e}; trying the previous checkpoint")
+                continue
+            ck = cand
+            break
+        if ckpts and ck is None:
+            raise ValueError(f"--resume: no intact checkpoint in {out / 'checkpoints'}: " + "; ".join(unreadable))
+        if ck is not None:
+            conflicts = resume_conflicts(saved_config, run.run_config)
             if conflicts:
                 raise ValueError(
                     f"{ck}: cannot resume with a different model or task: " + ", ".join(conflicts)
                     + ". Resume with the checkpoint's options, or train the new setting in a new --output_dir"
                 )
-            st = torch.load(ck / "training_state.pt", weights_only=True)
             if bool(st.get("fsdp", False)) != cfg.fsdp:
                 raise ValueError(f"{ck}: written with --fsdp {'on' if st.get('fsdp') else 'off'}; resume with the same setting")
-            load_full_state(run.model, run.optimizer, load_file(str(ck / "model.safetensors")), st["optimizer"])
-            ema_sd = load_file(str(ck / "ema.safetensors"))
+            load_full_state(run.model, run.optimizer, model_sd, st["optimizer"])
             if _is_fsdp(run.ema.module):
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -715,9 +790,11 @@ def _train(cfg: TrainConfig) -> dict:
             _set_rng_state(st["rng"])
             step, epoch, batch_in_epoch = int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"])
             counters["skipped_nonfinite"] = int(st.get("skipped_nonfinite", 0))
+            resume_step = step
             if main:
-                print(f"resumed from {ck} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-                changed = resume_changes(json.loads((ck / "config.json").read_text()).get("train", {}), asdict(cfg))
+                skipped = f" (skipping {len(unreadable)} unreadable newer checkpoint(s))" if unreadable else ""
+                print(f"resumed from {ck} at step {step} (epoch {epoch}, batch {batch_in_epoch}){skipped}")
+                changed = resume_changes(saved_config.get("train", {}), asdict(cfg))
                 if changed:
                     print("warning: resuming with changed options, so this is no longer the same run as an "
                           "uninterrupted one: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -733,7 +810,7 @@ def _train(cfg: TrainConfig) -> dict:
     if cfg.compile:
         model = torch.compile(model)
     flow_cfg = cfg.flow_config()
-    reporter = _Reporter(out, cfg.report_to, run.run_config) if main else None
+    reporter = _Reporter(out, cfg.report_to, run.run_config, resume_step) if main else None
     if main:
         n_params = sum(p.numel() for p in run.model.parameters())
         print(f"model: {cfg.model_size} ({n_params / 1e6:.2f}M parameters), conditioning={cfg.conditioning}, "
