@@ -2,13 +2,17 @@
 their manifest, manifests that disagree with the shards, stale conversions, duplicated keys."""
 
 import json
+import os
 
 import pytest
 import torch
 
 from blip3o_denoise.cli import main
+from blip3o_denoise.data.dataset import Embeddings
+from blip3o_denoise.data.inspect import inspect_dataset
 from blip3o_denoise.data.safe_pickle import ShardFormatError
 from blip3o_denoise.data.seed_format import open_seed_shard, write_seed_shard
+from blip3o_denoise.data.store import STORE_MANIFEST, convert
 from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
 from blip3o_denoise.train import TrainConfig, build, train
 
@@ -41,7 +45,8 @@ def poison(d, shard_idx: int, sample: int, field: str = "eva_blip3o_embeddings",
 # ----------------------------------------------------------------------------- 1. non-finite values
 
 
-@pytest.mark.parametrize("value,field", [(float("nan"), "eva_blip3o_embeddings"), (float("inf"), "clip_blip3o_embeddings")])
+@pytest.mark.parametrize("value,field", [(float("nan"), "eva_blip3o_embeddings"),
+                                         (float("inf"), "clip_blip3o_embeddings")])
 def test_nonfinite_training_data_is_named_before_training(tmp_path, value, field):
     d = make_data(tmp_path / "d")
     path, key = poison(d, 1, 5, field, value)
@@ -49,7 +54,8 @@ def test_nonfinite_training_data_is_named_before_training(tmp_path, value, field
         build(tiny(d, tmp_path / "out"))
     msg = str(e.value)
     assert str(path) in msg and f"'{field}'" in msg and "sample 5" in msg and repr(key) in msg
-    assert build(tiny(d, tmp_path / "out", skip_value_check=True)).train_set is not None  # the check is the one refusing
+    # the check is the one refusing
+    assert build(tiny(d, tmp_path / "out", skip_value_check=True)).train_set is not None
 
 
 def test_nonfinite_eval_dir_is_named_and_flag_parses(tmp_path, capsys):
@@ -87,3 +93,164 @@ def test_evaluate_and_generate_refuse_nonfinite_conditions(trained, tmp_path, ca
                  "--num_steps", "2"]) == 2
     err = capsys.readouterr().err
     assert repr(key) in err and str(path) in err and not gen.exists()
+
+
+# ----------------------------------------------------------------------------- 2. store header vs manifest
+
+
+def seed_and_store(tmp_path, **kw):
+    d = make_data(tmp_path / "seed", num_shards=3, **kw)
+    dst = tmp_path / "store"
+    convert(d, dst, dtype="float32", progress=False)
+    return d, dst
+
+
+def edit_json(path, fn):
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda m: m["shards"][1].update(num_samples=m["shards"][1]["num_samples"] + 1), "num_samples"),
+    (lambda m: m.update(dtype="float16"), "dtype"),
+    (lambda m: m.update(clip_dim=99), "clip_dim"),
+    (lambda m: m.update(tokens=9), "tokens"),
+])
+def test_store_shard_disagreeing_with_the_manifest_is_refused(tmp_path, capsys, edit, named):
+    _, dst = seed_and_store(tmp_path)
+    edit_json(dst / STORE_MANIFEST, edit)
+    with pytest.raises(ShardFormatError, match=f"shard_0000[01].safetensors.*{named}"):
+        Embeddings(dst)
+    with pytest.raises(ValueError, match=f"shard_0000[01].safetensors.*{named}"):
+        build(tiny(dst, tmp_path / "out"))
+    assert main(["inspect", str(dst)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED shard_0000" in out and named in out
+
+
+def test_store_shard_with_unequal_condition_and_target_counts(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    _, dst = seed_and_store(tmp_path)
+    st = dst / "shard_00002.safetensors"
+    save_file({"clip": torch.randn(8, 16, 8), "eva": torch.randn(7, 16, 16)}, str(st))
+    edit_json(dst / STORE_MANIFEST, lambda m: m["shards"][2].update(num_samples=8, bytes=st.stat().st_size))
+    with pytest.raises(ShardFormatError, match="shard_00002.safetensors: tensor 'eva' holds 7 samples"):
+        Embeddings(dst)
+    assert main(["inspect", str(dst)]) == 1
+    assert "FAILED shard_00002.safetensors" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 3. inspect never crashes
+
+
+def test_inspect_reports_empty_and_broken_datasets(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 1
+    assert "no shards found" in capsys.readouterr().out
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    write_seed_shard(zero, 0, torch.zeros(0, 16, 8), torch.zeros(0, 16, 16), [], [], include_cls=False)
+    assert main(["inspect", str(zero), "--check_values"]) == 0
+    assert "samples 0" in capsys.readouterr().out
+    _, dst = seed_and_store(tmp_path)
+    edit_json(dst / STORE_MANIFEST, lambda m: m["shards"].append("shard_00009.safetensors"))
+    assert main(["inspect", str(dst)]) == 1
+    assert "entry 3 of 'shards'" in capsys.readouterr().out
+
+
+def test_inspect_never_crashes_on_damaged_shards(tmp_path):
+    d = make_data(tmp_path / "d", num_samples=4, num_shards=1)
+    victim = next(d.glob("*.pkl"))
+    original = victim.read_bytes()
+    for pos in range(0, min(len(original), 1500), 3):
+        data = bytearray(original)
+        data[pos] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        report = inspect_dataset(str(d), check_values=True)  # must not raise
+        for f in report["failed_shards"]:
+            assert f["shard"] == victim.name and victim.name in f["error"]
+
+
+# ----------------------------------------------------------------------------- 4. seed manifest vs shards
+
+
+@pytest.mark.parametrize("damage,named", [
+    (lambda d: sorted(d.glob("*.pkl"))[1].unlink(), "embeddings_shard_00001_patch_only.pkl, which is missing"),
+    (lambda d: edit_json(d / "embeddings_manifest.json", lambda m: m.update(total_samples=31)),
+     "'total_samples' is 31"),
+])
+def test_seed_manifest_disagreeing_with_shards(tmp_path, capsys, damage, named):
+    d = make_data(tmp_path / "seed", num_samples=30, num_shards=3)
+    damage(d)
+    assert main(["inspect", str(d)]) == 1
+    assert named in capsys.readouterr().out
+    with pytest.raises(ShardFormatError, match=named):
+        convert(d, tmp_path / "store", progress=False)
+    assert main(["convert", str(d), str(tmp_path / "store"), "--no_progress"]) == 2
+    assert "--ignore_manifest" in capsys.readouterr().err
+    with pytest.raises(ShardFormatError, match=named):
+        build(tiny(d, tmp_path / "out"))
+    assert main(["convert", str(d), str(tmp_path / "store"), "--no_progress", "--ignore_manifest"]) == 0
+    assert len(build(tiny(d, tmp_path / "out", ignore_manifest=True)).train_set) > 0
+    argv = ["train", "--chunked_embeddings_dir", str(d), "--output_dir", str(tmp_path / "o"), "--model_size", "micro",
+            "--max_steps", "1", "--no_progress"]
+    assert main(argv) == 2 and named in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 5. stale conversions
+
+
+def test_convert_reconverts_a_changed_source(tmp_path, capsys):
+    d, dst = seed_and_store(tmp_path)
+    path = sorted(d.glob("*.pkl"))[1]
+    s = open_seed_shard(path)
+    new_eva = s.eva.read_all() * -1.0  # same size, same keys, other values
+    write_seed_shard(d, 1, s.clip.read_all(), new_eva, s.keys, s.captions, include_cls=False)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    before = (dst / "shard_00000.safetensors").stat().st_mtime_ns
+    m = convert(d, dst, dtype="float32", progress=False)
+    assert "changed since it was converted" in capsys.readouterr().err
+    assert torch.equal(Embeddings(dst).shards[1].eva.read_all(), new_eva)
+    assert (dst / "shard_00000.safetensors").stat().st_mtime_ns == before  # unchanged sources are not redone
+    assert m["shards"][1]["source_mtime_ns"] == path.stat().st_mtime_ns
+
+
+def test_convert_refuses_a_store_of_other_sources(tmp_path, capsys):
+    d, dst = seed_and_store(tmp_path)
+    sorted(d.glob("*.pkl"))[0].unlink()  # every later shard now sits at another position
+    with pytest.raises(ValueError, match="shard_00000.safetensors was converted from.*new directory"):
+        convert(d, dst, dtype="float32", progress=False, ignore_manifest=True)
+    assert main(["convert", str(d), str(dst), "--dtype", "float32", "--no_progress", "--ignore_manifest"]) == 2
+    assert "convert into a new directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 6. keys and shapes across shards
+
+
+def test_duplicate_keys_across_shards_are_errors_everywhere(tmp_path, capsys):
+    d = make_data(tmp_path / "seed", num_shards=2)
+    a, b = [open_seed_shard(p) for p in sorted(d.glob("*.pkl"))]
+    keys = list(b.keys)
+    keys[3] = a.keys[0]
+    write_seed_shard(d, 1, b.clip.read_all(), b.eva.read_all(), keys, b.captions, include_cls=False)
+    assert main(["inspect", str(d)]) == 1
+    assert f"not unique across shards: 1 duplicate(s), e.g. {a.keys[0]!r}" in capsys.readouterr().out
+    with pytest.raises(ShardFormatError, match="not unique"):
+        convert(d, tmp_path / "store", progress=False)
+    with pytest.raises(ShardFormatError, match="not unique"):
+        build(tiny(d, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("shape", [(12, 16, 9), (12, 9, 16)])
+def test_shards_of_different_widths_or_tokens_are_errors(tmp_path, capsys, shape):
+    d = make_data(tmp_path / "seed", num_shards=2)
+    b = open_seed_shard(sorted(d.glob("*.pkl"))[1])
+    write_seed_shard(d, 1, torch.randn(shape[0], shape[1], 8), torch.randn(*shape), b.keys, b.captions,
+                     include_cls=False)
+    assert main(["inspect", str(d)]) == 1
+    assert "differ from" in capsys.readouterr().out
+    with pytest.raises(ShardFormatError, match="differ from"):
+        convert(d, tmp_path / "store", progress=False)

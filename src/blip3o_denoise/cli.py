@@ -65,6 +65,8 @@ HELP = {
     "progress": "show a progress bar (--no_progress hides it)",
     "skip_value_check": "skip the one read of the training and held-out data that finds NaN/inf values before "
                         "training starts",
+    "ignore_manifest": "train even when embeddings_manifest.json disagrees with the shards present (a missing shard, "
+                       "another total_samples)",
 }
 
 
@@ -290,7 +292,8 @@ def cmd_extract(ns) -> int:
 def cmd_convert(ns) -> int:
     from .data.store import convert
 
-    m = convert(ns.src, ns.dst, dtype=ns.dtype, chunk=ns.chunk, max_shards=ns.max_shards or None, progress=not ns.no_progress)
+    m = convert(ns.src, ns.dst, dtype=ns.dtype, chunk=ns.chunk, max_shards=ns.max_shards or None,
+                progress=not ns.no_progress, ignore_manifest=ns.ignore_manifest)
     print(f"{ns.dst}: {m['total_samples']} samples in {len(m['shards'])} shards ({m['dtype']}, N={m['tokens']}, "
           f"clip {m['clip_dim']}, eva {m['eva_dim']})")
     return 0
@@ -301,7 +304,7 @@ def cmd_inspect(ns) -> int:
 
     report = inspect_dataset(ns.dir, check_values=ns.check_values, verify=ns.verify)
     print(json.dumps(report, indent=2) if ns.json else report["text"])
-    return 1 if report["failed_shards"] else 0
+    return 1 if report["failed_shards"] or report["problems"] else 0
 
 
 def cmd_make_synthetic(ns) -> int:
@@ -402,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--chunk", type=int, default=16, help="samples held in memory at once")
     c.add_argument("--max_shards", type=int, default=0)
     c.add_argument("--no_progress", action="store_true")
+    c.add_argument("--ignore_manifest", action="store_true",
+                   help="convert even when embeddings_manifest.json disagrees with the shards present")
 
     i = sub.add_parser("inspect", help="summarise a dataset directory and list shards that fail validation")
     i.add_argument("dir")

@@ -87,6 +87,7 @@ class TrainConfig:
     time_shift: float = 1.0
     progress: bool = True
     skip_value_check: bool = False
+    ignore_manifest: bool = False
 
     def __post_init__(self):
         choices = {
@@ -444,10 +445,10 @@ def build(cfg: TrainConfig) -> Run:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(cfg.seed)
-    emb = Embeddings(cfg.chunked_embeddings_dir, cfg.max_shards or None)
+    emb = Embeddings(cfg.chunked_embeddings_dir, cfg.max_shards or None, check_manifest=not cfg.ignore_manifest)
     train_idx, held_idx = split_indices(emb.keys, cfg.holdout_fraction)
     if cfg.eval_dir:
-        eval_emb = Embeddings(cfg.eval_dir)
+        eval_emb = Embeddings(cfg.eval_dir, check_manifest=not cfg.ignore_manifest)
         overlap = set(eval_emb.keys) & {emb.keys[i] for i in train_idx}
         if overlap:
             raise ValueError(f"--eval_dir {cfg.eval_dir}: {len(overlap)} sample keys also appear in the training split (e.g. {sorted(overlap)[0]!r})")

@@ -12,7 +12,10 @@ from torch.utils.data import Dataset
 
 from ..sphere import normalize
 from .safe_pickle import ShardFormatError
-from .seed_format import Shard, check_finite, list_seed_shards, open_seed_shard, read_seed_manifest
+from .seed_format import (
+    Shard, check_finite, consistency_problems, list_seed_shards, open_seed_shard, read_seed_manifest,
+    seed_manifest_problems,
+)
 from .store import STORE_MANIFEST, open_store_shard, read_store_manifest
 
 TASK_MODES = ("eva_denoising", "clip_denoising")
@@ -25,7 +28,7 @@ class Embeddings:
     Opening reads headers only; ``read(i)`` reads one sample's tokens from disk.
     """
 
-    def __init__(self, directory: str | os.PathLike, max_shards: int | None = None):
+    def __init__(self, directory: str | os.PathLike, max_shards: int | None = None, check_manifest: bool = False):
         d = Path(directory)
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: embeddings directory does not exist")
@@ -34,7 +37,7 @@ class Embeddings:
         if store is not None:
             self.format = "store"
             entries = store["shards"][:max_shards] if max_shards else store["shards"]
-            self.shards = [open_store_shard(d, e, d / STORE_MANIFEST) for e in entries]
+            self.shards = [open_store_shard(d, e, d / STORE_MANIFEST, store) for e in entries]
             self.manifest = store
         else:
             paths = list_seed_shards(d)
@@ -46,22 +49,21 @@ class Embeddings:
             self.format = "seed"
             self.manifest = read_seed_manifest(d)
             self.shards = [open_seed_shard(p) for p in (paths[:max_shards] if max_shards else paths)]
+            problems = seed_manifest_problems(d, paths, self.shards, self.manifest) if check_manifest else []
+            if problems:
+                raise ShardFormatError("; ".join(problems) + " (an incomplete copy? --ignore_manifest reads the "
+                                       "shards that are present)")
         if not self.shards:
             raise FileNotFoundError(f"{d}: the dataset holds no shards")
+        problems = consistency_problems(self.shards)
+        if problems:
+            raise ShardFormatError("; ".join(problems))
         first = self.shards[0]
-        for s in self.shards[1:]:
-            if s.clip.shape[1:] != first.clip.shape[1:] or s.eva.shape[1:] != first.eva.shape[1:]:
-                raise ShardFormatError(
-                    f"{s.path}: token shapes clip {list(s.clip.shape[1:])}, eva {list(s.eva.shape[1:])} differ "
-                    f"from {first.path}: clip {list(first.clip.shape[1:])}, eva {list(first.eva.shape[1:])}"
-                )
         self.tokens, self.clip_dim, self.eva_dim = first.tokens, first.clip.shape[2], first.eva.shape[2]
         self._starts = [0]
         for s in self.shards:
             self._starts.append(self._starts[-1] + s.num_samples)
         self.keys = [k for s in self.shards for k in s.keys]
-        if len(set(self.keys)) != len(self.keys):
-            raise ShardFormatError(f"{d}: sample keys are not unique across shards (the held-out split is by key)")
 
     def __len__(self) -> int:
         return self._starts[-1]

@@ -1,56 +1,91 @@
-"""``blip3o-denoise inspect DIR``: what a dataset holds, and which shards fail validation."""
+"""``blip3o-denoise inspect DIR``: what a dataset holds, and which shards fail validation.
+
+Inspection never stops at the first bad file: a shard that cannot be opened (damaged, truncated,
+of another layout, disagreeing with the store manifest) is listed under ``failed_shards`` with the
+reason; problems of the dataset as a whole (a manifest that disagrees with the shards present,
+keys held twice, shards of different N or widths, no shards at all) are listed under ``problems``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-
 from .safe_pickle import ShardFormatError, UnsafePickleError
-from .seed_format import check_finite, list_seed_shards, open_seed_shard, read_seed_manifest
+from .seed_format import (
+    check_finite, consistency_problems, list_seed_shards, open_seed_shard, read_seed_manifest, seed_manifest_problems,
+)
 from .store import STORE_MANIFEST, open_store_shard, read_store_manifest, verify_store
 
 
-def _norm_stats(shard, field: str, limit: int = 8) -> dict:
+def _norm_stats(shard, field: str, limit: int = 8) -> dict | None:
+    if shard.num_samples == 0:
+        return None
     rows = getattr(shard, field).rows(0, min(limit, shard.num_samples)).float()
     n = rows.norm(dim=-1)
     return {"mean": round(float(n.mean()), 4), "min": round(float(n.min()), 4), "max": round(float(n.max()), 4)}
+
+
+def _reason(err: BaseException, path) -> str:
+    """The error as one line that names the file (ours always do; others get the path in front)."""
+    text = str(err) if isinstance(err, (ShardFormatError, UnsafePickleError)) else f"{type(err).__name__}: {err}"
+    return text if Path(str(path)).name in text else f"{path}: {text}"
 
 
 def inspect_dataset(directory: str, check_values: bool = False, verify: bool = False) -> dict:
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: directory does not exist")
-    store = read_store_manifest(d)
-    shards, failed = [], []
-    if store is not None:
-        fmt, dtype = "store", store["dtype"]
-        for e in store["shards"]:
+    shards, failed, problems, manifest, dtype = [], [], [], None, None
+    if (d / STORE_MANIFEST).exists():
+        fmt = "store"
+        try:
+            manifest = read_store_manifest(d)
+        except (ShardFormatError, OSError) as err:
+            problems.append(_reason(err, d / STORE_MANIFEST))
+        entries = manifest["shards"] if manifest else []
+        for e in entries:
             try:
-                shards.append(open_store_shard(d, e, d / STORE_MANIFEST))
-            except (ShardFormatError, OSError, KeyError) as err:
-                failed.append({"shard": e.get("file"), "error": str(err)})
-        if verify:
-            failed += [{"shard": p.split(":")[0], "error": p} for p in verify_store(d)]
+                shards.append(open_store_shard(d, e, d / STORE_MANIFEST, manifest))
+            except Exception as err:  # noqa: BLE001 - every failure is reported, inspection goes on
+                failed.append({"shard": e["file"], "error": _reason(err, d / e["file"])})
+        if manifest:
+            dtype = manifest["dtype"]
+            listed = sum(e["num_samples"] for e in entries)
+            if manifest.get("total_samples", listed) != listed:
+                problems.append(f"{d / STORE_MANIFEST}: 'total_samples' is {manifest['total_samples']} but its "
+                                f"shards list {listed} samples")
+            if not entries:
+                problems.append(f"{d / STORE_MANIFEST}: the store holds no shards")
+            if verify:
+                failed += [{"shard": Path(p.split(":")[0]).name, "error": p} for p in verify_store(d)]
     else:
-        fmt, dtype = "seed", None
+        fmt = "seed"
         paths = list_seed_shards(d)
         if not paths:
-            raise FileNotFoundError(f"{d}: no shards found (seed .pkl shards or a {STORE_MANIFEST})")
+            problems.append(f"{d}: no shards found (embeddings_shard_XXXXX_{{patch_only,cls_patch}}.pkl files or a "
+                            f"{STORE_MANIFEST})")
         for p in paths:
             try:
                 shards.append(open_seed_shard(p))
-            except (ShardFormatError, UnsafePickleError, OSError) as err:
-                failed.append({"shard": p.name, "error": str(err)})
+            except Exception as err:  # noqa: BLE001 - every failure is reported, inspection goes on
+                failed.append({"shard": p.name, "error": _reason(err, p)})
+        try:
+            manifest = read_seed_manifest(d)
+        except (ShardFormatError, OSError) as err:
+            problems.append(_reason(err, d / "embeddings_manifest.json"))
+        problems += seed_manifest_problems(d, paths, shards, manifest)  # totals only when every shard opened
+    problems += consistency_problems(shards)
     if check_values:
         ok = []
         for s in shards:
             try:
                 check_finite(s)
                 ok.append(s)
-            except ShardFormatError as err:
-                failed.append({"shard": Path(s.path).name, "error": str(err)})
+            except Exception as err:  # noqa: BLE001
+                failed.append({"shard": Path(s.path).name, "error": _reason(err, s.path)})
         shards = ok
-    report = {"directory": str(d), "format": fmt, "shards": len(shards) + len(failed), "failed_shards": failed}
+    report = {"directory": str(d), "format": fmt, "shards": len(shards) + len(failed), "failed_shards": failed,
+              "problems": problems}
     if shards:
         s0 = shards[0]
         report.update({
@@ -61,9 +96,9 @@ def inspect_dataset(directory: str, check_values: bool = False, verify: bool = F
             "dtype": dtype or str(s0.clip.dtype).replace("torch.", ""),
             "clip_norm": _norm_stats(s0, "clip"),
             "eva_norm": _norm_stats(s0, "eva"),
-            "shapes_consistent": all(s.clip.shape[1:] == s0.clip.shape[1:] and s.eva.shape[1:] == s0.eva.shape[1:] for s in shards),
+            "shapes_consistent": all(s.clip.shape[1:] == s0.clip.shape[1:] and s.eva.shape[1:] == s0.eva.shape[1:]
+                                     for s in shards),
         })
-    manifest = store if store is not None else read_seed_manifest(d)
     if manifest and "total_samples" in manifest and shards and not failed:
         report["manifest_total_samples_matches"] = manifest["total_samples"] == report["samples"]
     lines = [f"{d}: {fmt} format, {report['shards']} shards"]
@@ -73,5 +108,7 @@ def inspect_dataset(directory: str, check_values: bool = False, verify: bool = F
         lines.append(f"  token norms (first shard): clip {report['clip_norm']}, eva {report['eva_norm']}")
     for f in failed:
         lines.append(f"  FAILED {f['shard']}: {f['error']}")
+    for p in problems:
+        lines.append(f"  PROBLEM {p}")
     report["text"] = "\n".join(lines)
     return report

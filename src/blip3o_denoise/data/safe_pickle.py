@@ -17,13 +17,13 @@ shard is opened by reading a few kilobytes, and samples are later read with posi
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -78,7 +78,7 @@ class FileTensor:
     def __init__(self, path: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...]):
         self.path, self.offset, self.dtype, self.shape = path, offset, dtype, tuple(shape)
         self.itemsize = torch.empty((), dtype=dtype).element_size()
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.itemsize
+        self.row_bytes = math.prod(self.shape[1:]) * self.itemsize
         self._fd = None
         self._pid = None
 
@@ -148,12 +148,27 @@ class _StorageType:
         self.dtype = _STORAGE_DTYPES[name]
 
 
-class _LegacyHeadUnpickler(pickle.Unpickler):
-    """The small pickles at the head of a legacy storage: admits only torch storage types."""
+class _LegacyHeadUnpickler(pickle._Unpickler):
+    """The small pickles at the head of a legacy storage: admits only torch storage types.
 
-    def __init__(self, file, where: str):
+    The pure-Python unpickler over an in-memory head: its reads return at most what the head
+    holds, where the C unpickler allocates whatever length a damaged byte claims before reading.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: io.BytesIO, where: str):
         super().__init__(file)
         self.where = where
+        self.limit = len(file.getbuffer())
+
+    def load_bytearray8(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        if n > self.limit:
+            raise ShardFormatError(f"{self.where}: a {n}-byte array in a tensor storage header: damaged file")
+        self.append(bytearray(self.read(n)))
+
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
     def find_class(self, module, name):
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -163,7 +178,9 @@ class _LegacyHeadUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise UnsafePickleError(f"{self.where}: unexpected storage reference {pid!r:.200}")
-        return ("storage", pid[1].dtype, int(pid[4]))
+        if type(pid[4]) is not int:
+            raise ShardFormatError(f"{self.where}: storage size {pid[4]!r:.40} is not an integer")
+        return ("storage", pid[1].dtype, pid[4])
 
 
 def _parse_legacy_storage(head: bytes, where: str) -> tuple[torch.dtype, int, int]:
@@ -183,7 +200,8 @@ def _parse_legacy_storage(head: bytes, where: str) -> tuple[torch.dtype, int, in
         raise ShardFormatError(f"{where}: cannot parse a tensor storage header ({e})") from e
     if not (isinstance(sys_info, dict) and sys_info.get("little_endian", True)):
         raise ShardFormatError(f"{where}: big-endian tensor storage is not supported")
-    if not (isinstance(desc, tuple) and desc and desc[0] == "storage"):
+    if not (isinstance(desc, tuple) and len(desc) == 3 and desc[0] == "storage" and isinstance(desc[1], torch.dtype)
+            and type(desc[2]) is int and desc[2] >= 0):
         raise ShardFormatError(f"{where}: tensor storage descriptor is not a single storage")
     _, dtype, numel = desc
     raw = bio.read(8)
@@ -195,14 +213,47 @@ def _parse_legacy_storage(head: bytes, where: str) -> tuple[torch.dtype, int, in
     return dtype, numel, bio.tell()
 
 
+# Pickle frames are ~64 KB (large byte strings are written outside them); a bigger one is damage.
+_MAX_FRAME = 1 << 26
+_MAX_LINE = 1 << 20
+
+
+class _BoundedFile:
+    """A file whose reads never ask for more than the bytes left in it: a length read from a damaged
+    pickle then costs at most the file's size, never a multi-GB allocation."""
+
+    def __init__(self, f, size: int):
+        self._f, self.size = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self._f.tell())
+        return self._f.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._f.readline(_MAX_LINE if limit is None or limit < 0 else min(limit, _MAX_LINE))
+
+    def readinto(self, buf) -> int:
+        return self._f.readinto(buf)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, *args) -> int:
+        return self._f.seek(*args)
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+
 class SafeShardUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so opcodes can be overridden
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, path: str):
+        self.file_size = os.fstat(file.fileno()).st_size
+        file = _BoundedFile(file, self.file_size)
         super().__init__(file)
         self._file = file
         self.path = path
-        self.file_size = os.fstat(file.fileno()).st_size
 
     # ---- only these globals exist for this unpickler
     def find_class(self, module, name):
@@ -229,6 +280,8 @@ class SafeShardUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so op
         return frame is not None and frame.tell() < len(frame.getbuffer())
 
     def _bytes(self, n: int):
+        if n > self.file_size:
+            raise ShardFormatError(f"{self.path}: a {n}-byte string in a {self.file_size}-byte file: damaged file")
         if n >= _LAZY_MIN_BYTES and not self._in_frame():
             self._unframer.current_frame = None
             off = self._file.tell()
@@ -253,8 +306,35 @@ class SafeShardUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so op
         (n,) = struct.unpack("<I", self.read(4))
         self._bytes(n)
 
+    def load_frame(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        if n > _MAX_FRAME:
+            raise ShardFormatError(
+                f"{self.path}: pickle frame of {n} bytes (at most {_MAX_FRAME} expected): damaged file"
+            )
+        self._unframer.load_frame(n)
+
+    def load_bytearray8(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        if n > self.file_size:
+            raise ShardFormatError(f"{self.path}: a {n}-byte array in a {self.file_size}-byte file: damaged file")
+        b = bytearray(n)
+        if self.readinto(b) != n:
+            raise ShardFormatError(f"{self.path}: file is truncated (a {n}-byte array)")
+        self.append(b)
+
+    def load_build(self):
+        # torch tensors and dicts are rebuilt without BUILD; setting attributes on our stand-ins
+        # (a FileTensor's path, say) could only come from a crafted file
+        if not isinstance(self.stack[-2], OrderedDict):
+            raise UnsafePickleError(f"{self.path}: refused to set the state of a {type(self.stack[-2]).__name__}")
+        super().load_build()
+
     dispatch[pickle.BINBYTES8[0]] = load_binbytes8
     dispatch[pickle.BINBYTES[0]] = load_binbytes
+    dispatch[pickle.FRAME[0]] = load_frame
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+    dispatch[pickle.BUILD[0]] = load_build
 
     def _refuse(self):
         raise UnsafePickleError(f"{self.path}: refused an extension-registry reference")
@@ -286,11 +366,15 @@ class SafeShardUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so op
     def _rebuild_tensor(self, storage, storage_offset, size, stride, *rest):
         if not isinstance(storage, _Storage):
             raise ShardFormatError(f"{self.path}: tensor without a storage")
-        size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-        expected = tuple(int(np.prod(size[i + 1:], dtype=np.int64)) for i in range(len(size)))
+        ints = (lambda v: isinstance(v, tuple) and all(type(x) is int and x >= 0 for x in v))
+        if not (type(storage_offset) is int and storage_offset >= 0 and ints(size) and ints(stride)
+                and len(size) == len(stride)):
+            raise ShardFormatError(f"{self.path}: malformed tensor (offset {storage_offset!r:.40}, size {size!r:.80}, "
+                                   f"stride {stride!r:.80})")
+        expected = tuple(math.prod(size[i + 1:]) for i in range(len(size)))
         if any(a != b for a, b, n in zip(stride, expected, size) if n > 1):
             raise ShardFormatError(f"{self.path}: only contiguous tensors are supported (stride {stride})")
-        numel = int(np.prod(size, dtype=np.int64))
+        numel = math.prod(size)
         if storage_offset + numel > storage.numel:
             raise ShardFormatError(f"{self.path}: tensor of shape {size} does not fit its storage")
         itemsize = torch.empty((), dtype=storage.dtype).element_size()
@@ -307,8 +391,8 @@ def load_pickle_shard(path: str) -> dict:
             return SafeShardUnpickler(f, path).load()
         except (UnsafePickleError, ShardFormatError):
             raise
-        except (EOFError, pickle.UnpicklingError, struct.error, ValueError, KeyError, IndexError) as e:
-            raise ShardFormatError(f"{path}: not a readable shard pickle ({type(e).__name__}: {e})") from e
+        except Exception as e:  # a damaged pickle fails in many ways (TypeError, MemoryError, struct.error...)
+            raise ShardFormatError(f"{path}: not a readable shard pickle ({type(e).__name__}: {str(e):.200})") from e
 
 
 def load_torch_save_shard(path: str) -> dict:

@@ -110,6 +110,78 @@ def open_seed_shard(path: str | os.PathLike) -> Shard:
     return validate_shard_dict(load_shard_file(path), path)
 
 
+def consistency_problems(shards: list[Shard]) -> list[str]:
+    """Shards whose N or widths differ from the first one's, and sample keys held twice (within a
+    shard or across shards: the held-out split is by key, so a duplicate could sit on both sides)."""
+    if not shards:
+        return []
+    first, problems = shards[0], []
+    for s in shards[1:]:
+        if s.clip.shape[1:] != first.clip.shape[1:] or s.eva.shape[1:] != first.eva.shape[1:]:
+            problems.append(
+                f"{s.path}: token shapes clip {list(s.clip.shape[1:])}, eva {list(s.eva.shape[1:])} differ "
+                f"from {first.path}: clip {list(first.clip.shape[1:])}, eva {list(first.eva.shape[1:])}"
+            )
+    where: dict[str, str] = {}
+    dups = []
+    for s in shards:
+        for k in s.keys:
+            if k in where:
+                dups.append((k, where[k], s.path))
+            else:
+                where[k] = s.path
+    if dups:
+        k, a, b = dups[0]
+        problems.append(f"sample keys are not unique across shards: {len(dups)} duplicate(s), e.g. {k!r} in {a} "
+                        f"and in {b} (the held-out split is by key)")
+    return problems
+
+
+def _listed_name(entry) -> str | None:
+    """The shard file name a seed manifest entry refers to, if it names one of our shard files."""
+    if isinstance(entry, dict):
+        names = ("path", "file", "shard_file", "filename")
+        entry = next((entry[k] for k in names if isinstance(entry.get(k), str)), None)
+    if not isinstance(entry, str):
+        return None
+    name = Path(entry).name
+    return name if SHARD_PATTERN.match(name) else None
+
+
+def seed_manifest_problems(directory: str | os.PathLike, paths: list[Path], shards: list[Shard],
+                           manifest: dict | None) -> list[str]:
+    """How a seed manifest disagrees with the shard files present (``paths``, all of them) and with the
+    ``shards`` opened from them (counts are compared for those; the total only when all are open)."""
+    if manifest is None:
+        return []
+    mpath, problems = Path(directory) / SEED_MANIFEST, []
+    present = {p.name for p in paths}
+    if "total_shards" in manifest and manifest["total_shards"] != len(paths):
+        problems.append(
+            f"{mpath}: 'total_shards' is {manifest['total_shards']} but {len(paths)} shard files are present"
+        )
+    opened = {Path(s.path).name: s for s in shards}
+    listed = manifest.get("shards") if isinstance(manifest.get("shards"), list) else []
+    for entry in listed:
+        name = _listed_name(entry)
+        if name is None:
+            continue
+        if name not in present:
+            problems.append(f"{mpath}: lists shard {name}, which is missing from {directory}")
+        elif name in opened and isinstance(entry, dict) and isinstance(entry.get("num_samples"), int) \
+                and entry["num_samples"] != opened[name].num_samples:
+            problems.append(f"{mpath}: says {name} holds {entry['num_samples']} samples, the file holds "
+                            f"{opened[name].num_samples}")
+    if "total_samples" in manifest and len(shards) == len(paths):
+        total = sum(s.num_samples for s in shards)
+        if manifest["total_samples"] != total:
+            problems.append(f"{mpath}: 'total_samples' is {manifest['total_samples']} but the shards hold {total}")
+    if "tokens_per_sample" in manifest and shards and manifest["tokens_per_sample"] != shards[0].tokens:
+        problems.append(f"{mpath}: 'tokens_per_sample' is {manifest['tokens_per_sample']} but the shards have "
+                        f"{shards[0].tokens} tokens")
+    return problems
+
+
 def check_finite(shard: Shard, chunk_bytes: int = 1 << 25) -> None:
     """Raise naming the file, field, sample index and key if any value is NaN or infinite.
 
