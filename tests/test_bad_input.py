@@ -58,6 +58,20 @@ def test_nonfinite_training_data_is_named_before_training(tmp_path, value, field
     assert build(tiny(d, tmp_path / "out", skip_value_check=True)).train_set is not None
 
 
+def test_value_check_finds_nan_anywhere_and_passes_large_finite_values(tmp_path):
+    from blip3o_denoise.data.seed_format import check_finite
+
+    big = torch.full((3, 4, 8), 3e38)  # the fast path's sum overflows; the values are still finite
+    check_finite(open_seed_shard(write_seed_shard(tmp_path, 0, big, big, ["a", "b", "c"], ["", "", ""], False)))
+    for i, field in ((0, "clip"), (2, "eva")):
+        x = torch.randn(3, 4, 8)
+        x[i, 3, 7] = float("-inf") if field == "clip" else float("nan")
+        clip, eva = (x, torch.randn(3, 4, 8)) if field == "clip" else (torch.randn(3, 4, 8), x)
+        path = write_seed_shard(tmp_path, 0, clip, eva, ["a", "b", "c"], ["", "", ""], False)
+        with pytest.raises(ShardFormatError, match=f"{field}_blip3o_embeddings.*sample {i} .key '{'abc'[i]}'"):
+            check_finite(open_seed_shard(path))
+
+
 def test_nonfinite_eval_dir_is_named_and_flag_parses(tmp_path, capsys):
     d = make_data(tmp_path / "d", seed=0)
     ev = make_data(tmp_path / "ev", seed=9, num_shards=1)
