@@ -269,6 +269,7 @@ def first_losses(out):
     {"noise_schedule": "logit_normal"}, {"min_noise_level": 0.5, "max_noise_level": 0.6},
     {"sphere_constraint_weight": 5.0, "prediction_type": "target"}, {"precision": "bf16"},
     {"learning_rate": 1e-2}, {"seed": 3}, {"batch_size": 4}, {"conditioning": "both"},
+    {"time_shift": 3.0}, {"path": "euclidean"},
 ])
 def test_each_training_flag_changes_the_run(data, tmp_path, flag):
     base = tmp_path / "base"

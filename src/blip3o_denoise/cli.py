@@ -60,6 +60,8 @@ HELP = {
     "num_kv_heads": "override the preset's key/value heads (0 = preset)",
     "logit_normal_mean": "mean of the logit-normal noise-level law",
     "logit_normal_std": "std of the logit-normal noise-level law",
+    "path": "sphere (slerp path, steps on the sphere: the method) or euclidean (straight line between the same "
+            "unit tokens, normalised at the end: the A/B counterpart)",
     "time_shift": "shift the noise-level law toward noise: s -> a s / (1 + (a - 1) s) (1 = no shift; "
                   "larger inputs want more noise, e.g. 3)",
     "progress": "show a progress bar (--no_progress hides it)",
@@ -199,6 +201,7 @@ def _eval_config(ns, den):
         sample_counts=tuple(int(k) for k in ns.sample_counts.split(",")), guidance=ns.guidance, seed=ns.seed,
         distribution=not ns.no_distribution, pca_dim=ns.pca_dim,
         precision=ns.precision or den.config["train"].get("precision", "fp32"), progress=not ns.no_progress,
+        path=den.path,
     )
 
 

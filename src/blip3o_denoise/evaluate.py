@@ -45,6 +45,7 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 64  # rows per model call: conditions x K samples for generation
     precision: str = "fp32"  # "bf16": model calls under bf16 autocast (metrics stay in float32)
+    path: str = "sphere"  # the run's flow path (flow.PATHS)
     progress: bool = False
     distribution: bool = True
     pca_dim: int = 64
@@ -227,15 +228,16 @@ def evaluate(
 
     def k_samples(c):  # [b, N, Dc] -> [K, b, N, D], the K samples of each condition in one call
         x = generate(model, c.repeat(k_max, 1, 1), prediction_type, cfg.num_steps, cfg.solver,
-                     guidance=cfg.guidance, generator=gen)
+                     guidance=cfg.guidance, generator=gen, min_noise_level=min_noise_level, path=cfg.path)
         return x.reshape(k_max, c.shape[0], *x.shape[1:]).transpose(0, 1)
 
     def points(x, s):  # one model call, both readings of it: {rule: [B, N, D]}
         def both(a, c):
             t = torch.full((a.shape[0],), 1.0 - s, device=a.device)
-            a = sphere.normalize(a.float())
+            a = a.float() if cfg.path == "euclidean" and s < 1.0 else sphere.normalize(a.float())
             pred = model(a, t, c)
-            return torch.stack([prediction_to_target(pred, a, t, prediction_type, rule=r) for r in POINT_ESTIMATES], 1)
+            return torch.stack([prediction_to_target(pred, a, t, prediction_type, rule=r, path=cfg.path)
+                                for r in POINT_ESTIMATES], 1)
 
         out = chunked(both, x, cond)
         return {rule: out[:, i] for i, rule in enumerate(POINT_ESTIMATES)}
@@ -283,10 +285,10 @@ def evaluate(
         )
     result["denoising"] = {}
     for s in levels:
-        noisy = noise_to_level(target, s, gen)
+        noisy = noise_to_level(target, s, gen, cfg.path)
         out = chunked(
             lambda x, c: generate(model, c, prediction_type, cfg.num_steps, cfg.solver, guidance=cfg.guidance,
-                                  noise_level=s, x_start=x),
+                                  noise_level=s, x_start=x, min_noise_level=min_noise_level, path=cfg.path),
             noisy, cond, calls=cfg.num_steps,
         )
         pts = points(noisy, s)

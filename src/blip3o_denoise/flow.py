@@ -16,11 +16,16 @@ from . import sphere
 
 NOISE_SCHEDULES = ("uniform", "cosine", "logit_normal")
 PREDICTION_TYPES = ("velocity", "target", "noise")
+# sphere: the slerp path and steps on the sphere (the method). euclidean: the straight line
+# x_t = (1 - t) x0 + t x1 between the same unit tokens, u_t = x1 - x0, plain Euler/Heun steps,
+# normalised once at the end: the A/B counterpart, kept to measure what the sphere buys.
+PATHS = ("sphere", "euclidean")
 
 
 @dataclass
 class FlowConfig:
     prediction_type: str = "velocity"
+    path: str = "sphere"
     noise_schedule: str = "uniform"
     min_noise_level: float = 0.1
     max_noise_level: float = 0.9
@@ -35,6 +40,8 @@ class FlowConfig:
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.path not in PATHS:
+            raise ValueError(f"path: expected one of {PATHS}, got {self.path!r}")
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"noise_schedule: expected one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}")
         if not 0.0 <= self.min_noise_level <= self.max_noise_level <= 1.0:
@@ -138,6 +145,9 @@ def sample_path(
         x0 = sample_noise(target.shape, generator, device=target.device)
     s = noise_level.to(device=target.device, dtype=torch.float32)
     t = 1.0 - s
+    if cfg.path == "euclidean":
+        tb = sphere.broadcast_time(t, x1)
+        return PathSample(x0, x1, (1.0 - tb) * x0 + tb * x1, t, x1 - x0)
     return PathSample(x0, x1, sphere.slerp(x0, x1, t), t, sphere.slerp_velocity(x0, x1, t))
 
 
@@ -149,22 +159,30 @@ def sample_seed(run_seed: int, epoch: int, index: int) -> int:
 
 
 def prediction_to_velocity(
-    pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str, time_eps: float = 1e-2
+    pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str, time_eps: float = 1e-2,
+    path: str = "sphere",
 ) -> torch.Tensor:
-    """Convert a model output into a tangent velocity at ``x_t``.
+    """Convert a model output into a velocity at ``x_t`` (tangent on the sphere path).
 
-    velocity: ``P_{x_t} pred``; target: ``log_{x_t}(x1_hat) / (1 - t)``; noise:
-    ``-log_{x_t}(x0_hat) / t`` (``1 - t`` and ``t`` floored at ``time_eps``).
+    sphere: velocity ``P_{x_t} pred``; target ``log_{x_t}(x1_hat) / (1 - t)``; noise
+    ``-log_{x_t}(x0_hat) / t``. euclidean: ``pred``; ``(x1_hat - x_t) / (1 - t)``;
+    ``(x_t - x0_hat) / t``. ``1 - t`` and ``t`` floored at ``time_eps``; predicted points normalised.
     """
     pred = pred.float()
     t = sphere.broadcast_time(t, x_t)
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if path == "euclidean":
+        if prediction_type == "velocity":
+            return pred
+        if prediction_type == "target":
+            return (sphere.normalize(pred) - x_t) / (1.0 - t).clamp_min(time_eps)
+        return (x_t - sphere.normalize(pred)) / t.clamp_min(time_eps)
     if prediction_type == "velocity":
         return sphere.project_tangent(x_t, pred)
     if prediction_type == "target":
         return sphere.log_map(x_t, sphere.normalize(pred)) / (1.0 - t).clamp_min(time_eps)
-    if prediction_type == "noise":
-        return -sphere.log_map(x_t, sphere.normalize(pred)) / t.clamp_min(time_eps)
-    raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return -sphere.log_map(x_t, sphere.normalize(pred)) / t.clamp_min(time_eps)
 
 
 POINT_ESTIMATES = ("posterior_mean", "exp_map")
@@ -188,7 +206,7 @@ def posterior_mean_from_velocity(v: torch.Tensor, x_t: torch.Tensor, t) -> torch
 
 def prediction_to_target(
     pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str, time_eps: float = 1e-2,
-    rule: str = "posterior_mean",
+    rule: str = "posterior_mean", path: str = "sphere",
 ) -> torch.Tensor:
     """The model's one-evaluation estimate of the clean tokens ``x1`` (the point estimate).
 
@@ -197,19 +215,22 @@ def prediction_to_target(
     :func:`posterior_mean_from_velocity`); ``rule="exp_map"`` returns ``exp_{x_t}((1 - t) v)``,
     which reads ``|v|`` as the remaining angle: exact only when the posterior is a point mass, and
     left partly on the noise when it is spread (``|E[u_t]|`` shrinks as the posterior spreads).
+    On the euclidean path both rules are ``normalize(x_t + (1 - t) v)``: exact there, the path is linear.
     """
     if rule not in POINT_ESTIMATES:
         raise ValueError(f"point estimate rule: expected one of {POINT_ESTIMATES}, got {rule!r}")
     if prediction_type == "target":
         return sphere.normalize(pred.float())
-    v = prediction_to_velocity(pred, x_t, t, prediction_type, time_eps)
+    v = prediction_to_velocity(pred, x_t, t, prediction_type, time_eps, path)
+    if path == "euclidean":
+        return sphere.normalize(x_t + (1.0 - sphere.broadcast_time(t, x_t)) * v)
     if rule == "posterior_mean":
         return sphere.normalize(posterior_mean_from_velocity(v, x_t, t))
     t = sphere.broadcast_time(t, x_t)
     return sphere.exp_map(x_t, (1.0 - t) * v)
 
 
-def sphere_penalty(pred: torch.Tensor, x_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def sphere_penalty(pred: torch.Tensor, x_t: torch.Tensor, prediction_type: str, path: str = "sphere") -> torch.Tensor:
     """Per-token penalty ``[B, N]`` keeping raw outputs meaningful on the sphere.
 
     velocity: squared normal component ``<pred, x_t>^2`` (a velocity must be tangent);
@@ -217,6 +238,8 @@ def sphere_penalty(pred: torch.Tensor, x_t: torch.Tensor, prediction_type: str) 
     """
     pred = pred.float()
     if prediction_type == "velocity":
+        if path == "euclidean":  # a straight-line velocity has no constraint
+            return torch.zeros(pred.shape[:-1], device=pred.device)
         return (pred * x_t).sum(-1) ** 2
     return (pred.norm(dim=-1) - 1.0) ** 2
 
@@ -228,9 +251,9 @@ def flow_loss(pred: torch.Tensor, path: PathSample, cfg: FlowConfig):
     over D (so it reads as a squared angle per unit time) and averaged over tokens.
     Total: ``mse + sphere_constraint_weight * penalty``.
     """
-    v = prediction_to_velocity(pred, path.x_t, path.t, cfg.prediction_type, cfg.time_eps)
+    v = prediction_to_velocity(pred, path.x_t, path.t, cfg.prediction_type, cfg.time_eps, cfg.path)
     mse = ((v - path.u_t) ** 2).sum(-1)
-    pen = sphere_penalty(pred, path.x_t, cfg.prediction_type)
+    pen = sphere_penalty(pred, path.x_t, cfg.prediction_type, cfg.path)
     mse, pen = mse.mean(), pen.mean()
     total = mse + cfg.sphere_constraint_weight * pen
     return total, {"mse": mse.detach(), "sphere_penalty": pen.detach()}

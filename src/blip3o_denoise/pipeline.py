@@ -38,6 +38,7 @@ class Denoiser:
         self.model = model.eval()
         self.config = run_config
         self.prediction_type = run_config["flow"]["prediction_type"]
+        self.path = run_config["flow"].get("path", "sphere")
         self.max_noise_level = run_config["flow"]["max_noise_level"]
         # below the lowest trained level the sampler jumps to the clean tokens (see sampling.generate)
         self.min_noise_level = run_config["flow"].get("min_noise_level", 0.0)
@@ -120,7 +121,7 @@ class Denoiser:
                              "(its null condition is untrained)")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         return generate(self.model, cond, self.prediction_type, steps, solver or self.solver, guidance=guidance,
-                        generator=gen, min_noise_level=self.min_noise_level)
+                        generator=gen, min_noise_level=self.min_noise_level, path=self.path)
 
     def denoise(self, noisy: torch.Tensor, condition: torch.Tensor, noise_level: float, num_steps: int | None = None,
                 guidance: float = 1.0, solver: str | None = None) -> torch.Tensor:
@@ -135,7 +136,8 @@ class Denoiser:
             raise ValueError("guidance != 1 needs a model trained with --cond_dropout > 0 "
                              "(its null condition is untrained)")
         return generate(self.model, cond, self.prediction_type, steps, solver or self.solver, guidance=guidance,
-                        noise_level=noise_level, x_start=x, min_noise_level=min(self.min_noise_level, noise_level))
+                        noise_level=noise_level, x_start=x, min_noise_level=min(self.min_noise_level, noise_level),
+                        path=self.path)
 
     def point_estimate(self, noisy: torch.Tensor, condition: torch.Tensor, noise_level: float,
                        rule: str = "posterior_mean") -> torch.Tensor:
@@ -145,7 +147,7 @@ class Denoiser:
         noise_level = self._check(noise_level)
         cond = self._tokens(condition, "condition", self.model.cfg.cond_dim, "condition")
         x = self._tokens(noisy, "noisy", self.model.cfg.input_dim, "input", batch=cond.shape[0])
-        return point_estimate(self.model, x, cond, noise_level, self.prediction_type, rule=rule)
+        return point_estimate(self.model, x, cond, noise_level, self.prediction_type, rule=rule, path=self.path)
 
 
 def _check_guidance(guidance) -> None:

@@ -22,7 +22,7 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def integrate(
     velocity_fn: VelocityFn, x: torch.Tensor, t_start: float, num_steps: int, solver: str = "euler",
-    t_end: float = 1.0,
+    t_end: float = 1.0, path: str = "sphere",
 ) -> torch.Tensor:
     """Integrate ``dx/dt = v(x, t)`` on the sphere from ``t_start`` to ``t_end`` (default 1) in ``num_steps``
     equal steps.
@@ -32,6 +32,8 @@ def integrate(
     Euler step, so the velocity is never asked for at ``t = 1`` exactly. midpoint: the velocity at
     the half-step point, transported back to ``x``, order 2. ``t_end < 1`` stops early (a model
     trained only down to noise level ``s_min`` is integrated to ``t_end = 1 - s_min``, see :func:`generate`).
+    ``path="euclidean"`` (the A/B counterpart of the method): the same solvers as straight steps in the
+    ambient space, ``x <- x + dt v``, and no normalisation until the caller's last step.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
@@ -49,6 +51,13 @@ def integrate(
         t, dt = float(ts[i]), float(ts[i + 1] - ts[i])
         tb = torch.full((b,), t, device=x.device)
         v = velocity_fn(x, tb)
+        if path == "euclidean":
+            if solver == "heun" and (i < num_steps - 1 or t_end < 1.0):
+                v = 0.5 * (v + velocity_fn(x + dt * v, tb + dt))
+            elif solver == "midpoint":
+                v = velocity_fn(x + 0.5 * dt * v, tb + 0.5 * dt)
+            x = x + dt * v
+            continue
         if solver == "heun" and (i < num_steps - 1 or t_end < 1.0):
             x_prop = sphere.exp_map(x, dt * v)
             v2 = velocity_fn(x_prop, tb + dt)
@@ -62,7 +71,7 @@ def integrate(
 
 def model_velocity_fn(
     model, cond: torch.Tensor | None, prediction_type: str, guidance: float = 1.0, time_eps: float = 1e-2,
-    num_tokens: int | None = None,
+    num_tokens: int | None = None, path: str = "sphere",
 ) -> VelocityFn:
     """Wrap a :class:`~blip3o_denoise.model.UniversalDiT` as a tangent velocity field.
 
@@ -78,9 +87,9 @@ def model_velocity_fn(
         null_cache = model.prepare_condition(None, b, n)
 
     def fn(x, t):
-        v = prediction_to_velocity(model(x, t, cache=cache), x, t, prediction_type, time_eps)
+        v = prediction_to_velocity(model(x, t, cache=cache), x, t, prediction_type, time_eps, path)
         if null_cache is not None:
-            vu = prediction_to_velocity(model(x, t, cache=null_cache), x, t, prediction_type, time_eps)
+            vu = prediction_to_velocity(model(x, t, cache=null_cache), x, t, prediction_type, time_eps, path)
             v = vu + guidance * (v - vu)
         return v
 
@@ -93,6 +102,7 @@ def generate(
     model, cond: torch.Tensor, prediction_type: str, num_steps: int = 50, solver: str = "euler",
     guidance: float = 1.0, noise_level: float = 1.0, x_start: torch.Tensor | None = None,
     generator: torch.Generator | None = None, time_eps: float = 1e-2, min_noise_level: float = 0.0,
+    path: str = "sphere",
 ) -> torch.Tensor:
     """Sample clean tokens ``[B, N, D_in]`` for ``cond [B, N, D_cond]``.
 
@@ -113,24 +123,25 @@ def generate(
             raise ValueError("x_start is required when noise_level < 1 (denoising a given input)")
         eps = torch.randn(b, n, model.cfg.input_dim, generator=generator)
         x_start = eps.to(cond.device)
-    x = sphere.normalize(x_start.float())
-    fn = model_velocity_fn(model, cond, prediction_type, guidance, time_eps, num_tokens=n)
+    # a point of the euclidean path inside the ball is a valid input; pure noise starts on the sphere
+    x = x_start.float() if path == "euclidean" and noise_level < 1.0 else sphere.normalize(x_start.float())
+    fn = model_velocity_fn(model, cond, prediction_type, guidance, time_eps, num_tokens=n, path=path)
     t_end = 1.0 - min_noise_level
-    x = integrate(fn, x, 1.0 - noise_level, num_steps, solver, t_end=t_end)
+    x = integrate(fn, x, 1.0 - noise_level, num_steps, solver, t_end=t_end, path=path)
     if min_noise_level == 0.0:
-        return x
+        return sphere.normalize(x)
     t = torch.full((b,), t_end, device=x.device)
     pred = model(x, t, cache=fn.cache)
     if fn.null_cache is not None:
         pred_u = model(x, t, cache=fn.null_cache)
         pred = pred_u + guidance * (pred - pred_u)
-    return prediction_to_target(pred, x, t, prediction_type, time_eps)
+    return prediction_to_target(pred, x, t, prediction_type, time_eps, path=path)
 
 
 @torch.inference_mode()
 def point_estimate(
     model, x_t: torch.Tensor, cond: torch.Tensor, noise_level: float, prediction_type: str, time_eps: float = 1e-2,
-    rule: str = "posterior_mean",
+    rule: str = "posterior_mean", path: str = "sphere",
 ) -> torch.Tensor:
     """The clean tokens predicted from one model evaluation at noise level ``noise_level``.
 
@@ -139,12 +150,16 @@ def point_estimate(
     """
     b = x_t.shape[0]
     t = torch.full((b,), 1.0 - noise_level, device=x_t.device)
-    x_t = sphere.normalize(x_t.float())
-    return prediction_to_target(model(x_t, t, cond), x_t, t, prediction_type, time_eps, rule)
+    x_t = x_t.float() if path == "euclidean" and noise_level < 1.0 else sphere.normalize(x_t.float())
+    return prediction_to_target(model(x_t, t, cond), x_t, t, prediction_type, time_eps, rule, path)
 
 
-def noise_to_level(x1: torch.Tensor, noise_level: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Corrupt clean tokens to noise level ``s``: ``slerp(x0, x1, 1 - s)`` with fresh sphere noise."""
+def noise_to_level(x1: torch.Tensor, noise_level: float, generator: torch.Generator | None = None,
+                   path: str = "sphere") -> torch.Tensor:
+    """Corrupt clean tokens to noise level ``s`` with fresh sphere noise ``x0``: ``slerp(x0, x1, 1 - s)``
+    (euclidean path: ``s x0 + (1 - s) x1``)."""
     x1 = sphere.normalize(x1.float())
     x0 = sphere.normalize(torch.randn(x1.shape, generator=generator)).to(x1.device)
+    if path == "euclidean":
+        return noise_level * x0 + (1.0 - noise_level) * x1
     return sphere.slerp(x0, x1, 1.0 - noise_level)

@@ -21,7 +21,8 @@ from .sampling import generate, point_estimate
 
 
 def sweep(model, batch: dict, prediction_type: str, steps_list, guidance_list, k: int = 4, solvers=("euler",),
-          seed: int = 0, pca=None, precision: str = "fp32", batch_size: int = 64) -> dict:
+          seed: int = 0, pca=None, precision: str = "fp32", batch_size: int = 64, path: str = "sphere",
+          min_noise_level: float = 0.0) -> dict:
     """For each (solver, guidance, steps): single-sample and mean-of-K cosine, and, with a PCA basis,
     the distribution of single samples against the targets (Frechet distance, k-NN precision and
     recall). Every setting starts from the same noise; the K samples of a condition run in one call."""
@@ -30,7 +31,7 @@ def sweep(model, batch: dict, prediction_type: str, steps_list, guidance_list, k
     gen = torch.Generator().manual_seed(seed)
     noise = sphere.normalize(torch.randn(target.shape, generator=gen)).to(cond.device)
     with autocast:
-        point = point_estimate(model, noise, cond, 1.0, prediction_type).float()
+        point = point_estimate(model, noise, cond, 1.0, prediction_type, path=path).float()
     point_cos = float((point * target).sum(-1).mean())
     rows_per_call = max(1, batch_size // k)
     rows = []
@@ -43,7 +44,8 @@ def sweep(model, batch: dict, prediction_type: str, steps_list, guidance_list, k
                 for i in range(0, cond.shape[0], rows_per_call):
                     c = cond[i:i + rows_per_call]
                     with autocast:
-                        x = generate(model, c.repeat(k, 1, 1), prediction_type, n, solver, guidance=g, generator=gen)
+                        x = generate(model, c.repeat(k, 1, 1), prediction_type, n, solver, guidance=g, generator=gen,
+                                     min_noise_level=min_noise_level, path=path)
                     parts.append(x.float().reshape(k, c.shape[0], *x.shape[1:]))
                 samples = torch.cat(parts, 1)
                 row = {"steps": n, "solver": solver, "guidance": g, "single": mean_of_k_cosine(samples, target, 1),
@@ -126,7 +128,8 @@ def run_sweep(ns) -> dict:
     precision = ns.precision or den.config["train"].get("precision", "fp32")
     with torch.inference_mode():
         result = sweep(den.model, {k: v.to(den.device) for k, v in batch.items() if k != "index"}, den.prediction_type,
-                       [int(s) for s in ns.steps.split(",")], guidance, ns.k, solvers, ns.seed, pca, precision)
+                       [int(s) for s in ns.steps.split(",")], guidance, ns.k, solvers, ns.seed, pca, precision,
+                       path=den.path, min_noise_level=den.min_noise_level)
     result["steps_within_10pct_of_best_fd"] = steps_to_match(result["rows"])
     result["seconds"] = round(time.time() - started, 2)
     out = Path(ns.output)

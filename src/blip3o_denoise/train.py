@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .data.dataset import TASK_MODES, TRAINING_MODES, Embeddings, PairDataset, split_indices
 from .evaluate import Baselines, EvalConfig, evaluate, evaluation_cost, fit_baselines, format_results
-from .flow import NOISE_SCHEDULES, PREDICTION_TYPES, FlowConfig, flow_loss, sample_path, sample_seed
+from .flow import NOISE_SCHEDULES, PATHS, PREDICTION_TYPES, FlowConfig, flow_loss, sample_path, sample_seed
 from .model import CONDITIONING_MODES, PRESETS, UniversalDiT, config_from_preset
 from .sampling import SOLVERS
 
@@ -85,6 +85,7 @@ class TrainConfig:
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
     time_shift: float = 1.0
+    path: str = "sphere"
     progress: bool = True
     skip_value_check: bool = False
     ignore_manifest: bool = False
@@ -92,7 +93,7 @@ class TrainConfig:
     def __post_init__(self):
         choices = {
             "task_mode": TASK_MODES, "training_mode": TRAINING_MODES, "model_size": tuple(PRESETS),
-            "prediction_type": PREDICTION_TYPES, "noise_schedule": NOISE_SCHEDULES,
+            "prediction_type": PREDICTION_TYPES, "path": PATHS, "noise_schedule": NOISE_SCHEDULES,
             "conditioning": CONDITIONING_MODES, "precision": ("fp32", "bf16"), "solver": SOLVERS,
             "report_to": ("none", "tensorboard", "wandb"),
         }
@@ -129,7 +130,7 @@ class TrainConfig:
             min_noise_level=self.min_noise_level, max_noise_level=self.max_noise_level,
             sphere_constraint_weight=self.sphere_constraint_weight,
             logit_normal_mean=self.logit_normal_mean, logit_normal_std=self.logit_normal_std,
-            time_shift=self.time_shift,
+            time_shift=self.time_shift, path=self.path,
         )
 
     @classmethod
@@ -637,7 +638,7 @@ def run_evaluation(run: Run, step: int, model, final: bool = False) -> dict:
     """Held-out evaluation with the EMA weights: light during training, bounded at the end."""
     cfg = run.cfg
     common = dict(num_steps=cfg.num_inference_steps, solver=cfg.solver, seed=cfg.seed, precision=cfg.precision,
-                  progress=cfg.progress)
+                  progress=cfg.progress, path=cfg.path)
     n = len(run.eval_set)
     if final:
         baselines = fit_baselines(run.train_set, ridge=True)
@@ -665,7 +666,7 @@ def overfit_check(run: Run, model) -> dict:
     cfg = run.cfg
     level = 1.0 if cfg.max_noise_level >= 1.0 - 1e-6 else cfg.max_noise_level
     ecfg = EvalConfig(num_steps=cfg.num_inference_steps, solver=cfg.solver, seed=cfg.seed, noise_levels=(level,),
-                      sample_counts=(1,), distribution=False)
+                      sample_counts=(1,), distribution=False, path=cfg.path)
     res = evaluate(model, run.overfit_set.stack(), cfg.prediction_type, cfg.task_mode, cfg.min_noise_level,
                    cfg.max_noise_level, ecfg)
     cos = res["generation"]["model"]["cosine_mean"] if level == 1.0 else res["denoising"][f"{level:g}"]["model"]["cosine_mean"]
@@ -704,8 +705,8 @@ def apply_optimizer_options(optimizer, scheduler, cfg: TrainConfig) -> None:
 
 # Options that define the model's parameters or what it predicts: a checkpoint with other values
 # cannot be resumed (its weights would not load, or would silently mean something else).
-_RESUME_FIXED = ("task_mode", "training_mode", "model_size", "conditioning", "prediction_type", "hidden_size",
-                 "depth", "num_heads", "num_kv_heads")
+_RESUME_FIXED = ("task_mode", "training_mode", "model_size", "conditioning", "prediction_type", "path",
+                 "hidden_size", "depth", "num_heads", "num_kv_heads")
 # Model config entries that change neither the parameters nor their meaning.
 _MODEL_FREE = ("cond_dropout", "grad_checkpointing")
 
@@ -989,7 +990,8 @@ def _diagnostics(model, pred, path, flow_cfg) -> dict:
     """Per-step numbers for --debug_mode: where the error is, and whether anything is blowing up."""
     from .flow import prediction_to_velocity
 
-    v = prediction_to_velocity(pred.detach(), path.x_t, path.t, flow_cfg.prediction_type, flow_cfg.time_eps)
+    v = prediction_to_velocity(pred.detach(), path.x_t, path.t, flow_cfg.prediction_type, flow_cfg.time_eps,
+                               flow_cfg.path)
     cos = torch.nn.functional.cosine_similarity(v.flatten(1), path.u_t.flatten(1), dim=1)
     grads = {}
     for name, p in _unwrap(model).named_parameters():
