@@ -192,6 +192,14 @@ def _train_split(cfg: dict, train_dir: str):
     return PairDataset(temb, tr_idx, cfg["train"]["task_mode"], cfg["train"]["training_mode"])
 
 
+def _training_samples(ds, train_set) -> list[str] | None:
+    """Keys of the evaluation samples that are in the run's training split (None: that split is unknown here)."""
+    if train_set is None:
+        return None
+    train_keys = {train_set.emb.keys[i] for i in train_set.indices}
+    return [ds.emb.keys[i] for i in ds.indices if ds.emb.keys[i] in train_keys]
+
+
 def _eval_config(ns, den):
     from .evaluate import EvalConfig
 
@@ -218,6 +226,16 @@ def cmd_evaluate(ns) -> int:
     batch = ds.stack()  # the held-out samples are read once, for every metric
     _refuse_nonfinite(batch, ds, ("condition", "target"))
     train_set = _train_split(cfg, ns.train_dir)
+    in_training = _training_samples(ds, train_set)
+    if in_training and not ns.allow_train_samples:
+        raise ValueError(
+            f"{ns.chunked_embeddings_dir}: {len(in_training)} of the {len(ds)} evaluation samples were in the run's "
+            f"training split (e.g. key {in_training[0]!r}; split '{ns.split}', holdout fraction "
+            f"{cfg['train']['holdout_fraction'] if ns.holdout_fraction is None else ns.holdout_fraction}, the run's "
+            f"{cfg['train']['holdout_fraction']}): their scores are not held-out scores. Evaluate the held-out split "
+            "(--split heldout, the run's --holdout_fraction) or another directory, or pass --allow_train_samples to "
+            "score them anyway, labelled as not held out"
+        )
     baselines = fit_baselines(train_set, ridge=not ns.no_ridge, pca_dim=ns.pca_dim) if train_set is not None else None
     if baselines is None:
         print("note: the training data is not available here (--train_dir): no fitted baselines")
@@ -231,8 +249,16 @@ def cmd_evaluate(ns) -> int:
                          "diverged model?): no results written")
     result["checkpoint"] = str(ns.checkpoint)
     result["data"] = {"directory": ns.chunked_embeddings_dir, "split": ns.split}
+    # True: no evaluation sample is in the run's training split; None: the training data is not here to check
+    result["held_out"] = None if in_training is None else not in_training
+    result["train_samples_in_evaluation"] = None if in_training is None else len(in_training)
     result["total_seconds"] = round(time.time() - started, 2)
     print(format_results(result))
+    if in_training:
+        print(f"NOT HELD OUT: {len(in_training)} of {len(ds)} evaluation samples were in the run's training split "
+              "(--allow_train_samples); these scores overstate held-out quality")
+    elif in_training is None:
+        print("held out: not checked (the run's training data is not here; --train_dir)")
     print(f"evaluation took {result['total_seconds']:.1f} s ({result['seconds']:.1f} s sampling and metrics)")
     if ns.output:
         Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
@@ -348,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=1.0)
     e.add_argument("--sample_counts", default="1,2,4,8", help="K values for the normalised mean of K generated samples")
     e.add_argument("--train_dir", default="", help="training data for the fitted baselines (default: the run's)")
+    e.add_argument("--allow_train_samples", action="store_true",
+                   help="score samples of the run's training split too (refused otherwise); the results say "
+                        "held_out: false")
     e.add_argument("--no_ridge", action="store_true", help="skip the ridge baseline")
     e.add_argument("--no_distribution", action="store_true", help="skip Frechet distance and k-NN precision/recall")
     e.add_argument("--pca_dim", type=int, default=64, help="PCA dimension of the distribution metrics")

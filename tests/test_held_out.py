@@ -1,0 +1,59 @@
+"""`blip3o-denoise evaluate` scores held-out samples: samples of the run's training split are refused
+unless --allow_train_samples, and then the results say they are not held out."""
+
+import json
+
+import pytest
+
+from blip3o_denoise.cli import main
+from blip3o_denoise.data.dataset import Embeddings, split_indices
+from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
+from blip3o_denoise.train import TrainConfig, train
+
+CHEAP = ["--num_inference_steps", "2", "--noise_levels", "0.5", "--sample_counts", "2", "--no_ridge",
+         "--no_distribution", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("held")
+    data = root / "d"
+    make_synthetic(data, SyntheticSpec(num_samples=30, eva_dim=16, clip_dim=8, tokens=16))
+    train(TrainConfig(chunked_embeddings_dir=str(data), output_dir=str(root / "run"), model_size="micro", batch_size=8,
+                      max_steps=1, warmup_steps=1, eval_every_n_steps=0, save_every_n_steps=0,
+                      num_inference_steps=2, holdout_fraction=0.2, eval_samples=4, max_noise_level=1.0,
+                      progress=False))
+    return data, root / "run"
+
+
+def evaluate(run, out, *extra):
+    data, ckpt = run
+    return main(["evaluate", "--checkpoint", str(ckpt), "--chunked_embeddings_dir", str(data), "--output", str(out),
+                 *CHEAP, *extra])
+
+
+@pytest.mark.parametrize("extra", [["--split", "all"], ["--holdout_fraction", "0.6"]], ids=["split_all", "bigger"])
+def test_training_samples_are_refused(run, tmp_path, capsys, extra):
+    out = tmp_path / "r.json"
+    assert evaluate(run, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert "were in the run's training split" in err and "--allow_train_samples" in err
+    assert not out.exists()
+
+
+def test_allowed_training_samples_are_labelled_not_held_out(run, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert evaluate(run, out, "--split", "all", "--allow_train_samples", "--num_samples", "0") == 0
+    res = json.loads(out.read_text())
+    keys = Embeddings(run[0]).keys
+    n_train = len(split_indices(keys, 0.2)[0])
+    assert res["held_out"] is False and res["train_samples_in_evaluation"] == n_train and res["num_images"] == 30
+    assert f"NOT HELD OUT: {n_train} of 30 evaluation samples" in capsys.readouterr().out
+
+
+def test_the_held_out_split_is_labelled_held_out(run, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert evaluate(run, out) == 0
+    res = json.loads(out.read_text())
+    assert res["held_out"] is True and res["train_samples_in_evaluation"] == 0
+    assert "NOT HELD OUT" not in capsys.readouterr().out
