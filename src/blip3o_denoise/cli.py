@@ -146,10 +146,12 @@ def _load_eval_set(ck_config: dict, directory: str, split: str, holdout_fraction
         raise ValueError(f"{directory}: no samples in the '{split}' split")
     ds = PairDataset(emb, idx, tr["task_mode"], tr["training_mode"])
     data = ck_config["data"]
-    if (ds.target_dim, ds.cond_dim, ds.tokens) != (data["target_dim"], data["cond_dim"], data["tokens"]):
+    trained = (data["target_dim"], data["cond_dim"], data["tokens"], data.get("cond_tokens", data["tokens"]))
+    if (ds.target_dim, ds.cond_dim, ds.tokens, ds.cond_tokens) != trained:
         raise ValueError(
-            f"{directory}: data has target width {ds.target_dim}, condition width {ds.cond_dim}, {ds.tokens} tokens; "
-            f"the model was trained on {data['target_dim']}, {data['cond_dim']}, {data['tokens']}"
+            f"{directory}: data has target width {ds.target_dim}, condition width {ds.cond_dim}, {ds.tokens} target "
+            f"and {ds.cond_tokens} condition tokens; the model was trained on {trained[0]}, {trained[1]}, "
+            f"{trained[2]} and {trained[3]}"
         )
     return ds
 
@@ -216,8 +218,9 @@ def _eval_config(ns, den):
 def cmd_evaluate(ns) -> int:
     import time
 
-    from .evaluate import evaluate, fit_baselines, format_results
+    from .evaluate import fit_baselines, format_results
     from .pipeline import Denoiser
+    from .train import evaluate_pairs
 
     started = time.time()
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
@@ -236,12 +239,13 @@ def cmd_evaluate(ns) -> int:
             "(--split heldout, the run's --holdout_fraction) or another directory, or pass --allow_train_samples to "
             "score them anyway, labelled as not held out"
         )
-    baselines = fit_baselines(train_set, ridge=not ns.no_ridge, pca_dim=ns.pca_dim) if train_set is not None else None
+    ridge = not ns.no_ridge and ds.cond_tokens == ds.tokens  # the ridge map pairs tokens position by position
+    baselines = fit_baselines(train_set, ridge=ridge, pca_dim=ns.pca_dim) if train_set is not None else None
     if baselines is None:
         print("note: the training data is not available here (--train_dir): no fitted baselines")
     flow = cfg["flow"]
-    result = evaluate(den.model, batch, flow["prediction_type"], cfg["train"]["task_mode"], flow["min_noise_level"],
-                      flow["max_noise_level"], _eval_config(ns, den), baselines)
+    result = evaluate_pairs(den.model, batch, flow["prediction_type"], cfg["train"]["task_mode"],
+                            flow["min_noise_level"], flow["max_noise_level"], _eval_config(ns, den), baselines)
     bad = _nonfinite_fields(result)
     if bad:
         raise ValueError(f"evaluation gave non-finite values in {', '.join(bad[:5])}"

@@ -44,7 +44,8 @@ class Denoiser:
         self.min_noise_level = run_config["flow"].get("min_noise_level", 0.0)
         self.num_steps = run_config.get("train", {}).get("num_inference_steps", 50)
         self.solver = run_config.get("train", {}).get("solver", "euler")
-        self.tokens = run_config.get("data", {}).get("tokens")  # None: any count the model accepts
+        self.tokens = run_config.get("data", {}).get("tokens")  # N of the target; None: any count the model accepts
+        self.cond_tokens = run_config.get("data", {}).get("cond_tokens", self.tokens)  # N_c of the condition
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> "Denoiser":
@@ -82,6 +83,7 @@ class Denoiser:
 
     def _tokens(self, x, name: str, width: int, what: str, batch: int | None = None) -> torch.Tensor:
         """``x`` checked to be a finite ``[B, N, width]`` tensor with the trained N (and ``batch`` rows)."""
+        tokens = self.cond_tokens if name == "condition" else self.tokens
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor [B, N, {width}], got {type(x).__name__}")
         if x.dim() != 3:
@@ -92,8 +94,8 @@ class Denoiser:
         if x.shape[-1] != width:
             raise ValueError(f"{name}: expected width {width} (the model's {what} width), got {x.shape[-1]} "
                              f"(shape {tuple(x.shape)})")
-        if self.tokens is not None and x.shape[1] != self.tokens:
-            raise ValueError(f"{name}: expected {self.tokens} tokens per sample (what the model was trained on), "
+        if tokens is not None and x.shape[1] != tokens:
+            raise ValueError(f"{name}: expected {tokens} tokens per sample (what the model was trained on), "
                              f"got {x.shape[1]} (shape {tuple(x.shape)})")
         if batch is not None and x.shape[0] != batch:
             raise ValueError(f"{name}: expected the condition's batch size {batch}, got {x.shape[0]}")
@@ -110,18 +112,30 @@ class Denoiser:
         return num_steps
 
     def generate(self, condition: torch.Tensor, num_steps: int | None = None, guidance: float = 1.0,
-                 seed: int | None = None, solver: str | None = None) -> torch.Tensor:
-        """Sample ``[B, N, D]`` clean tokens for ``condition [B, N, D_cond]`` from pure noise."""
+                 seed: int | None = None, solver: str | None = None, num_tokens: int | None = None) -> torch.Tensor:
+        """Sample ``[B, N, D]`` clean tokens for ``condition [B, N_c, D_cond]`` from pure noise.
+
+        ``N`` is ``num_tokens``, by default the target token count of the training data (``N_c`` may
+        differ from it with cross-attention conditioning).
+        """
         self._check(1.0)
         cond = self._tokens(condition, "condition", self.model.cfg.cond_dim, "condition")
+        n = num_tokens if num_tokens is not None else self.tokens if self.tokens is not None else cond.shape[1]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_tokens: expected a positive integer, got {n!r}")
+        if n != cond.shape[1] and self.model.cfg.uses_aligned:
+            raise ValueError(f"num_tokens: a model with conditioning={self.model.cfg.conditioning!r} generates one "
+                             f"token per condition token ({cond.shape[1]}), got {n}")
         steps = self._steps(num_steps)
         _check_guidance(guidance)
         if guidance != 1.0 and self.model.cfg.cond_dropout == 0.0:
             raise ValueError("guidance != 1 needs a model trained with --cond_dropout > 0 "
                              "(its null condition is untrained)")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        # the noise has the target's shape, drawn here (sampling.generate would take N from the condition)
+        noise = torch.randn(cond.shape[0], n, self.model.cfg.input_dim, generator=gen).to(cond.device)
         return generate(self.model, cond, self.prediction_type, steps, solver or self.solver, guidance=guidance,
-                        generator=gen, min_noise_level=self.min_noise_level, path=self.path)
+                        x_start=noise, min_noise_level=self.min_noise_level, path=self.path)
 
     def denoise(self, noisy: torch.Tensor, condition: torch.Tensor, noise_level: float, num_steps: int | None = None,
                 guidance: float = 1.0, solver: str | None = None) -> torch.Tensor:

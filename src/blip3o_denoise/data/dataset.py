@@ -60,6 +60,7 @@ class Embeddings:
             raise ShardFormatError("; ".join(problems))
         first = self.shards[0]
         self.tokens, self.clip_dim, self.eva_dim = first.tokens, first.clip.shape[2], first.eva.shape[2]
+        self.eva_tokens = first.eva_tokens  # may differ from the CLIP token count (cross-attention conditioning)
         self._starts = [0]
         for s in self.shards:
             self._starts.append(self._starts[-1] + s.num_samples)
@@ -76,7 +77,12 @@ class Embeddings:
 
     @property
     def has_cls(self) -> bool:
+        """Whether the CLIP tokens start with a CLS token."""
         return math.isqrt(self.tokens) ** 2 != self.tokens
+
+    @property
+    def eva_has_cls(self) -> bool:
+        return math.isqrt(self.eva_tokens) ** 2 != self.eva_tokens
 
     def locate(self, i: int) -> tuple[Shard, int]:
         if not 0 <= i < len(self):
@@ -135,10 +141,10 @@ def select_tokens(x: torch.Tensor, has_cls: bool, training_mode: str, where: str
 
 
 class PairDataset(Dataset):
-    """Unit-norm ``(target [N, Dt], condition [N, De])`` pairs for a task, read on demand.
+    """Unit-norm ``(target [N, Dt], condition [N_c, De])`` pairs for a task, read on demand.
 
     eva_denoising: target and condition are both the EVA tokens; clip_denoising: the target is the
-    CLIP tokens, conditioned on EVA.
+    CLIP tokens, conditioned on EVA (``N_c`` may differ from ``N``: other encoder pairs).
     """
 
     def __init__(self, emb: Embeddings, indices: list[int], task_mode: str, training_mode: str = "patch_only"):
@@ -146,7 +152,9 @@ class PairDataset(Dataset):
             raise ValueError(f"task_mode: expected one of {TASK_MODES}, got {task_mode!r}")
         self.emb, self.indices = emb, list(indices)
         self.task_mode, self.training_mode = task_mode, training_mode
-        select_tokens(torch.zeros(emb.tokens, 1), emb.has_cls, training_mode, f"{emb.directory}: ")
+        select_tokens(torch.zeros(emb.eva_tokens, 1), emb.eva_has_cls, training_mode, f"{emb.directory}: ")
+        if task_mode == "clip_denoising":
+            select_tokens(torch.zeros(emb.tokens, 1), emb.has_cls, training_mode, f"{emb.directory}: ")
 
     @property
     def target_dim(self) -> int:
@@ -158,14 +166,22 @@ class PairDataset(Dataset):
 
     @property
     def tokens(self) -> int:
+        """N, the target's token count."""
+        if self.task_mode == "eva_denoising":
+            return self.cond_tokens
         return self.emb.tokens - (1 if self.emb.has_cls and self.training_mode == "patch_only" else 0)
+
+    @property
+    def cond_tokens(self) -> int:
+        """N_c, the condition's token count."""
+        return self.emb.eva_tokens - (1 if self.emb.eva_has_cls and self.training_mode == "patch_only" else 0)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, j: int) -> dict:
         i = self.indices[j]
-        eva = normalize(select_tokens(self.emb.read(i, "eva").float(), self.emb.has_cls, self.training_mode))
+        eva = normalize(select_tokens(self.emb.read(i, "eva").float(), self.emb.eva_has_cls, self.training_mode))
         if self.task_mode == "eva_denoising":
             target = eva
         else:

@@ -45,6 +45,10 @@ class Shard:
     def tokens(self) -> int:
         return self.clip.shape[1]
 
+    @property
+    def eva_tokens(self) -> int:
+        return self.eva.shape[1]
+
 
 def list_seed_shards(directory: str | os.PathLike) -> list[Path]:
     d = Path(directory)
@@ -89,8 +93,8 @@ def validate_shard_dict(obj, path: str) -> Shard:
         raise ShardFormatError(
             f"{path}: '{CLIP_KEY}' has {clip.shape[0]} samples but '{EVA_KEY}' has {eva.shape[0]}"
         )
-    if clip.shape[1] != eva.shape[1]:
-        raise ShardFormatError(f"{path}: '{CLIP_KEY}' has {clip.shape[1]} tokens but '{EVA_KEY}' has {eva.shape[1]}")
+    # CLIP and EVA may have different token counts (other encoder pairs): --conditioning cross_attention
+    # trains on such pairs, and training refuses the token-wise (aligned) modes for them
     n = clip.shape[0]
     keys = obj.get("keys")
     if keys is None:

@@ -157,13 +157,17 @@ def append_store_shard(dst: str | os.PathLike, index: int, shard: Shard, dtype: 
     manifest = read_store_manifest(dst) or {
         "format": STORE_FORMAT, "version": STORE_VERSION, "dtype": dtype, "tokens": shard.tokens,
         "clip_dim": shard.clip.shape[2], "eva_dim": shard.eva.shape[2], "include_cls": _has_cls(shard.tokens), "shards": [],
+        "eva_tokens": shard.eva_tokens,
     }
     if manifest["dtype"] != dtype:
         raise ValueError(f"{dst / STORE_MANIFEST}: store has dtype {manifest['dtype']}, asked for {dtype}; use a new directory")
-    if (manifest["tokens"], manifest["clip_dim"], manifest["eva_dim"]) != (shard.tokens, shard.clip.shape[2], shard.eva.shape[2]):
+    have = (manifest["tokens"], manifest.get("eva_tokens", manifest["tokens"]),
+            manifest["clip_dim"], manifest["eva_dim"])
+    if have != (shard.tokens, shard.eva_tokens, shard.clip.shape[2], shard.eva.shape[2]):
         raise ShardFormatError(
-            f"{shard.path}: N={shard.tokens}, widths {shard.clip.shape[2]}/{shard.eva.shape[2]} differ from the store's "
-            f"N={manifest['tokens']}, {manifest['clip_dim']}/{manifest['eva_dim']}"
+            f"{shard.path}: N={shard.tokens} (eva {shard.eva_tokens}), "
+            f"widths {shard.clip.shape[2]}/{shard.eva.shape[2]} "
+            f"differ from the store's N={have[0]} (eva {have[1]}), {manifest['clip_dim']}/{manifest['eva_dim']}"
         )
     name = f"shard_{index:05d}"
     st_path, meta_path = dst / f"{name}.safetensors", dst / f"{name}.json"
@@ -195,7 +199,7 @@ def read_store_manifest(directory: str | os.PathLike) -> dict | None:
             raise ShardFormatError(f"{path}: missing field '{key}'")
     if m["dtype"] not in DTYPES:
         raise ShardFormatError(f"{path}: field 'dtype' should be one of {tuple(DTYPES)}, got {m['dtype']!r}")
-    for key in ("tokens", "clip_dim", "eva_dim"):
+    for key in ("tokens", "clip_dim", "eva_dim") + (("eva_tokens",) if "eva_tokens" in m else ()):
         if type(m[key]) is not int or m[key] < 1:
             raise ShardFormatError(f"{path}: field '{key}' should be a positive integer, got {m[key]!r}")
     if not isinstance(m["shards"], list):
@@ -307,16 +311,16 @@ def open_store_shard(directory: Path, entry: dict, manifest_path: Path, manifest
         if t.shape[0] != n:
             raise ShardFormatError(f"{st_path}: tensor '{key}' holds {t.shape[0]} samples, the manifest's "
                                    f"'num_samples' says {n}")
-    if clip.shape[1] != eva.shape[1]:
-        raise ShardFormatError(f"{st_path}: tensor 'clip' has {clip.shape[1]} tokens but 'eva' has {eva.shape[1]}")
     if manifest is not None:
+        # stores written before eva_tokens was recorded have equal token counts
         want = {"dtype": DTYPES.get(manifest["dtype"]), "tokens": manifest["tokens"],
+                "eva_tokens": manifest.get("eva_tokens", manifest["tokens"]),
                 "clip_dim": manifest["clip_dim"], "eva_dim": manifest["eva_dim"]}
         got = {"dtype": clip.dtype if clip.dtype == eva.dtype else f"{clip.dtype}/{eva.dtype}", "tokens": clip.shape[1],
-               "clip_dim": clip.shape[2], "eva_dim": eva.shape[2]}
+               "eva_tokens": eva.shape[1], "clip_dim": clip.shape[2], "eva_dim": eva.shape[2]}
         for field in want:
             if got[field] != want[field]:
-                shown = manifest[field]
+                shown = manifest.get(field, manifest["tokens"])
                 raise ShardFormatError(f"{st_path}: header has {field} {got[field]}, {manifest_path} says {shown}")
     meta_path = Path(directory) / entry["meta"]
     try:
