@@ -47,7 +47,9 @@ def run(data, tmp_path_factory):
     return out
 
 
-def test_readers_accept_unequal_token_counts(data, tmp_path):
+def test_readers_accept_unequal_token_counts(data, tmp_path, capsys):
+    assert main(["inspect", str(data)]) == 0
+    assert "N = 64 (eva 16: --conditioning cross_attention)" in capsys.readouterr().out
     emb = Embeddings(data)
     assert (emb.tokens, emb.eva_tokens) == (64, 16)
     ds = PairDataset(emb, [0, 1], "clip_denoising")

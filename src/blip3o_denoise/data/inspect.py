@@ -91,6 +91,7 @@ def inspect_dataset(directory: str, check_values: bool = False, verify: bool = F
         report.update({
             "samples": sum(s.num_samples for s in shards),
             "tokens": s0.tokens,
+            "eva_tokens": s0.eva_tokens,
             "clip_dim": s0.clip.shape[2],
             "eva_dim": s0.eva.shape[2],
             "dtype": dtype or str(s0.clip.dtype).replace("torch.", ""),
@@ -103,7 +104,9 @@ def inspect_dataset(directory: str, check_values: bool = False, verify: bool = F
         report["manifest_total_samples_matches"] = manifest["total_samples"] == report["samples"]
     lines = [f"{d}: {fmt} format, {report['shards']} shards"]
     if shards:
-        lines.append(f"  samples {report['samples']}, N = {report['tokens']}, clip width {report['clip_dim']}, "
+        n = report["tokens"] if report["eva_tokens"] == report["tokens"] else \
+            f"{report['tokens']} (eva {report['eva_tokens']}: --conditioning cross_attention)"
+        lines.append(f"  samples {report['samples']}, N = {n}, clip width {report['clip_dim']}, "
                      f"eva width {report['eva_dim']}, dtype {report['dtype']}")
         lines.append(f"  token norms (first shard): clip {report['clip_norm']}, eva {report['eva_norm']}")
     for f in failed:
