@@ -67,7 +67,9 @@ def test_train_records_both_token_counts_and_evaluates(run):
     cfg = json.loads((run / "final" / "config.json").read_text())
     assert cfg["data"]["tokens"] == 64 and cfg["data"]["cond_tokens"] == 16
     res = json.loads((run / "results.json").read_text())
-    assert "16 tokens and the target 64" in res["generation_skipped"]
+    # generation from pure noise is scored with the target's 64 tokens; ridge (token to token) is left out
+    g = res["generation"]
+    assert g["model"]["num_images"] == res["num_images"] > 0 and "ridge" not in g["baselines"]
     assert set(res["denoising"]) == {"0.3", "0.5", "0.7", "0.9"}
 
 
@@ -77,6 +79,7 @@ def test_evaluate_and_generate(run, data, tmp_path):
                  "--num_inference_steps", "2", "--noise_levels", "0.5", "--no_progress"]) == 0
     res = json.loads(out.read_text())
     assert res["denoising"]["0.5"]["model"]["num_images"] == res["num_images"] > 0 and res["held_out"] is True
+    assert res["generation"]["mean_of_k"]["8"] > -1
     gen = tmp_path / "gen.safetensors"
     assert main(["generate", "--checkpoint", str(run), "--chunked_embeddings_dir", str(data), "--output", str(gen),
                  "--max_samples", "3", "--num_steps", "2"]) == 0

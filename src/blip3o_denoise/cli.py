@@ -218,9 +218,8 @@ def _eval_config(ns, den):
 def cmd_evaluate(ns) -> int:
     import time
 
-    from .evaluate import fit_baselines, format_results
+    from .evaluate import evaluate, fit_baselines, format_results
     from .pipeline import Denoiser
-    from .train import evaluate_pairs
 
     started = time.time()
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
@@ -244,7 +243,7 @@ def cmd_evaluate(ns) -> int:
     if baselines is None:
         print("note: the training data is not available here (--train_dir): no fitted baselines")
     flow = cfg["flow"]
-    result = evaluate_pairs(den.model, batch, flow["prediction_type"], cfg["train"]["task_mode"],
+    result = evaluate(den.model, batch, flow["prediction_type"], cfg["train"]["task_mode"],
                             flow["min_noise_level"], flow["max_noise_level"], _eval_config(ns, den), baselines)
     bad = _nonfinite_fields(result)
     if bad:

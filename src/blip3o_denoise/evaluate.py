@@ -142,12 +142,12 @@ def mean_of_k_cosine(samples: torch.Tensor, target: torch.Tensor, k: int) -> flo
     return float((m * sphere.normalize(target.float())).sum(-1).mean())
 
 
-def diversity(samples: torch.Tensor) -> float:
-    """Mean pairwise per-token cosine between samples of the same condition ``[K, B, N, D]`` (K >= 2)."""
+def diversity(samples: torch.Tensor) -> float | None:
+    """Mean pairwise per-token cosine between samples of the same condition ``[K, B, N, D]`` (None when K < 2)."""
     s = sphere.normalize(samples.float())
     k = s.shape[0]
     if k < 2:
-        return float("nan")
+        return None
     total = sum(float((s[i] * s[j]).sum(-1).mean()) for i in range(k) for j in range(i + 1, k))
     return total / (k * (k - 1) / 2)
 
@@ -228,7 +228,8 @@ def evaluate(
 
     def k_samples(c):  # [b, N, Dc] -> [K, b, N, D], the K samples of each condition in one call
         x = generate(model, c.repeat(k_max, 1, 1), prediction_type, cfg.num_steps, cfg.solver,
-                     guidance=cfg.guidance, generator=gen, min_noise_level=min_noise_level, path=cfg.path)
+                     guidance=cfg.guidance, generator=gen, min_noise_level=min_noise_level, path=cfg.path,
+                     num_tokens=target.shape[1])
         return x.reshape(k_max, c.shape[0], *x.shape[1:]).transpose(0, 1)
 
     def points(x, s):  # one model call, both readings of it: {rule: [B, N, D]}
@@ -271,7 +272,7 @@ def evaluate(
             if baselines.per_position is not None and baselines.per_position.shape[0] == target.shape[1]:
                 entry["baselines"]["per_position_mean"] = token_metrics(
                     baselines.per_position.to(device).expand_as(target), target, thresholds)
-            if baselines.ridge is not None:
+            if baselines.ridge is not None and cond.shape[1] == target.shape[1]:  # ridge maps token to token
                 pred = baselines.ridge.predict(cond.cpu()).to(device)
                 entry["baselines"]["ridge"] = token_metrics(pred, target, thresholds)
                 if (d := dist(pred)) is not None:
@@ -316,6 +317,10 @@ def evaluate(
     return result
 
 
+def _num(x, fmt: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
 def format_results(result: dict) -> str:
     """A plain-text table of the model beside its baselines."""
     lines = []
@@ -330,7 +335,7 @@ def format_results(result: dict) -> str:
             lines.append(f"  {name:<34}{v:>8.4f}")
         ratio = g["dispersion_ratio"]
         ratio_text = f"{ratio:>8.3f}" if ratio is not None else "     n/a"
-        lines.append(f"  {'dispersion ratio (single/point^2)':<34}{ratio_text}   diversity {g['diversity']:.4f}   "
+        lines.append(f"  {'dispersion ratio (single/point^2)':<34}{ratio_text}   diversity {_num(g['diversity'])}   "
                      f"sampler: {g['verdict']['sampler']}")
         if "distribution" in g:
             d = g["distribution"]

@@ -102,9 +102,9 @@ def generate(
     model, cond: torch.Tensor, prediction_type: str, num_steps: int = 50, solver: str = "euler",
     guidance: float = 1.0, noise_level: float = 1.0, x_start: torch.Tensor | None = None,
     generator: torch.Generator | None = None, time_eps: float = 1e-2, min_noise_level: float = 0.0,
-    path: str = "sphere",
+    path: str = "sphere", num_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Sample clean tokens ``[B, N, D_in]`` for ``cond [B, N, D_cond]``.
+    """Sample clean tokens ``[B, N, D_in]`` for ``cond [B, N_c, D_cond]`` (``N = N_c`` unless ``num_tokens``).
 
     From pure noise (``noise_level = 1``, ``x_start = None``) or from ``x_start`` at noise level
     ``noise_level`` (denoising). Returns unit-norm tokens.
@@ -117,7 +117,9 @@ def generate(
     if not 0.0 <= min_noise_level <= noise_level:
         raise ValueError(f"noise level {noise_level} is below min_noise_level {min_noise_level} "
                          "(the lowest noise level the model was trained on)")
-    b, n = cond.shape[:2]
+    # N of the target: from x_start, else num_tokens, else the condition's (cross-attention allows N != N_c)
+    b = cond.shape[0]
+    n = x_start.shape[1] if x_start is not None else num_tokens or cond.shape[1]
     if x_start is None:
         if noise_level != 1.0:
             raise ValueError("x_start is required when noise_level < 1 (denoising a given input)")

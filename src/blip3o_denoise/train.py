@@ -633,26 +633,6 @@ FINAL_SAMPLE_COUNTS = (1, 4)
 FINAL_EVAL_SHARE = 0.1
 
 
-def evaluate_pairs(model, batch: dict, prediction_type: str, task_mode: str, min_noise_level: float,
-                   max_noise_level: float, ecfg: EvalConfig, baselines: Baselines | None = None) -> dict:
-    """:func:`evaluate.evaluate`, also for a condition whose token count differs from the target's.
-
-    Its generation from pure noise draws the noise with the condition's token count, so for such
-    pairs the generation scores are skipped (with the reason in ``generation_skipped``) and the
-    denoising levels are scored; ``blip3o-denoise generate`` takes N from the run.
-    """
-    n, n_cond = batch["target"].shape[1], batch["condition"].shape[1]
-    if n == n_cond or max_noise_level < 1.0 - 1e-6:
-        return evaluate(model, batch, prediction_type, task_mode, min_noise_level, max_noise_level, ecfg, baselines)
-    res = evaluate(model, batch, prediction_type, task_mode, min_noise_level, 1.0 - 1e-5, ecfg, baselines)
-    res["generation_skipped"] = (
-        f"the condition has {n_cond} tokens and the target {n}: generation from pure noise is not scored for "
-        "unequal token counts yet (evaluate draws its noise with the condition's token count); "
-        "`blip3o-denoise generate` samples such targets"
-    )
-    return res
-
-
 def final_eval_samples(cfg: TrainConfig, total_steps: int, ecfg: EvalConfig, available: int) -> int:
     """How many held-out samples the final in-training evaluation uses (deterministic: counted in
     model calls, not seconds). The full evaluation is ``blip3o-denoise evaluate``."""
@@ -678,7 +658,7 @@ def run_evaluation(run: Run, step: int, model, final: bool = False) -> dict:
         baselines = run.light_baselines
         levels = (0.5,) if cfg.max_noise_level >= 1 else (0.5, cfg.max_noise_level)
         ecfg = EvalConfig(noise_levels=levels, sample_counts=(1,), distribution=False, **common)
-    res = evaluate_pairs(model, run.eval_set.stack(list(range(n))), cfg.prediction_type, cfg.task_mode,
+    res = evaluate(model, run.eval_set.stack(list(range(n))), cfg.prediction_type, cfg.task_mode,
                          cfg.min_noise_level, cfg.max_noise_level, ecfg, baselines)
     res["step"] = step
     if final:
@@ -693,11 +673,9 @@ def overfit_check(run: Run, model) -> dict:
     """Cosine on the K training samples themselves: from pure noise if trained to level 1, else from the max level."""
     cfg = run.cfg
     level = 1.0 if cfg.max_noise_level >= 1.0 - 1e-6 else cfg.max_noise_level
-    if level == 1.0 and run.overfit_set.cond_tokens != run.overfit_set.tokens:
-        level = max(0.9, cfg.min_noise_level)  # see evaluate_pairs: no generation score for unequal token counts
     ecfg = EvalConfig(num_steps=cfg.num_inference_steps, solver=cfg.solver, seed=cfg.seed, noise_levels=(level,),
                       sample_counts=(1,), distribution=False, path=cfg.path)
-    res = evaluate_pairs(model, run.overfit_set.stack(), cfg.prediction_type, cfg.task_mode, cfg.min_noise_level,
+    res = evaluate(model, run.overfit_set.stack(), cfg.prediction_type, cfg.task_mode, cfg.min_noise_level,
                          cfg.max_noise_level, ecfg)
     cos = res["generation"]["model"]["cosine_mean"] if level == 1.0 else res["denoising"][f"{level:g}"]["model"]["cosine_mean"]
     return {"samples": len(run.overfit_set), "noise_level": level, "cosine": cos, "threshold": 0.8, "passed": cos > 0.8}
