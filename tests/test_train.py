@@ -553,3 +553,16 @@ def test_resume_with_a_different_model_or_task_is_refused(data, tmp_path, capsys
     assert "cannot resume" in line and all(n in line for n in named), line
     assert "size mismatch" not in line
     assert [(c.name, (c / "model.safetensors").read_bytes()) for c in checkpoint_dirs(out)] == before
+
+
+@pytest.mark.parametrize("ptype", ["target", "noise"])
+def test_target_and_noise_prediction_get_gradients_from_the_first_step(data, tmp_path, ptype):
+    """A zero output layer gives a zero predicted point, which has no direction and no gradient: such a
+    run never moved (grad norm 0.0 at every step, loss flat). Target and noise models start from a random
+    output layer, so they learn."""
+    out = tmp_path / ptype
+    train(tiny(data, out, prediction_type=ptype, max_steps=8, learning_rate=3e-3))
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "grad_norm" in r]
+    assert all(r["grad_norm"] > 1e-3 for r in steps)
+    assert steps[-1]["mse"] < steps[0]["mse"]

@@ -51,6 +51,10 @@ class ModelConfig:
     rope_base: float = 100.0
     time_scale: float = 1000.0
     grad_checkpointing: bool = False
+    # A zero output layer starts a velocity model at v = 0 (DiT's init). A target or noise model
+    # normalises its output to a point, and a zero vector has no direction: no gradient ever flows,
+    # so those start from a random output layer instead (see UniversalDiT.__init__).
+    zero_init_output: bool = True
 
     def __post_init__(self):
         if self.conditioning not in CONDITIONING_MODES:
@@ -291,7 +295,7 @@ class UniversalDiT(nn.Module):
         self.final_norm = RMSNorm(h, affine=False)
         self.final_ada = nn.Linear(h, 2 * h)
         self.out = nn.Linear(h, cfg.input_dim)
-        for m in (self.final_ada, self.out):
+        for m in (self.final_ada, self.out) if cfg.zero_init_output else (self.final_ada,):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 

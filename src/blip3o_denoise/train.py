@@ -487,7 +487,8 @@ def build(cfg: TrainConfig) -> Run:
     mcfg = config_from_preset(
         cfg.model_size, train_set.target_dim, train_set.cond_dim, conditioning=cfg.conditioning,
         cond_dropout=cfg.cond_dropout, grad_checkpointing=cfg.grad_checkpointing,
-        hidden_size=cfg.hidden_size or None, depth=cfg.depth or None, num_heads=cfg.num_heads or None,
+        zero_init_output=cfg.prediction_type == "velocity", hidden_size=cfg.hidden_size or None,
+        depth=cfg.depth or None, num_heads=cfg.num_heads or None,
         num_kv_heads=cfg.num_kv_heads or None,
     )
     model = UniversalDiT(mcfg).to(device)
