@@ -27,20 +27,27 @@ from pathlib import Path
 
 # Each recipe: TrainConfig fields over BASE. "default" is TrainConfig's own defaults (plus the
 # benchmark's data, budget and noise range up to 1 for generation).
-BASE = dict(task_mode="clip_denoising", model_size="tiny", min_noise_level=0.0, max_noise_level=1.0, batch_size=16,
+BASE = dict(task_mode="clip_denoising", min_noise_level=0.0, max_noise_level=1.0, batch_size=16,
             precision="bf16", num_inference_steps=10, eval_every_n_steps=0, save_every_n_steps=0, progress=False, log_every_n_steps=50)
+TINY = dict(model_size="tiny")
+MINI = dict(model_size="mini")  # hidden 256, 4 blocks, 4 heads, 2 kv heads
+# "default": TrainConfig's own defaults (learning rate, warmup, noise law and shift, prediction type,
+# path) with the mini preset; the others set what they compare explicitly.
 RECIPES = {
-    "default": {},
-    "lr3e-4_uniform": dict(learning_rate=3e-4, warmup_steps=100, noise_schedule="uniform"),
-    "lr1e-3_uniform": dict(learning_rate=1e-3, warmup_steps=50, noise_schedule="uniform"),
-    "lr1e-3_shift3": dict(learning_rate=1e-3, warmup_steps=50, noise_schedule="uniform", time_shift=3.0),
-    "lr1e-3_target": dict(learning_rate=1e-3, warmup_steps=50, noise_schedule="uniform", prediction_type="target"),
-    "w256d4_lr1e-3": dict(learning_rate=1e-3, warmup_steps=50, noise_schedule="uniform", model_size="micro",
-                          hidden_size=256, depth=4, num_heads=4, num_kv_heads=2),
+    "default": dict(model_size="mini"),
+    "lr3e-4_uniform": dict(**TINY, learning_rate=3e-4, warmup_steps=100, noise_schedule="uniform", time_shift=1.0),
+    "lr1e-3_uniform": dict(**TINY, learning_rate=1e-3, warmup_steps=50, noise_schedule="uniform", time_shift=1.0),
+    "lr1e-3_shift3": dict(**TINY, learning_rate=1e-3, warmup_steps=50, noise_schedule="uniform", time_shift=3.0),
+    "mini_lr1e-3": dict(learning_rate=1e-3, warmup_steps=50, noise_schedule="uniform", time_shift=1.0, **MINI),
+    "mini_shift3": dict(learning_rate=1e-3, warmup_steps=50, noise_schedule="uniform", time_shift=3.0, **MINI),
+    "euclidean": dict(path="euclidean", **MINI),
+    "mini_shift3_target": dict(learning_rate=1e-3, warmup_steps=50, noise_schedule="uniform", time_shift=3.0,
+                               prediction_type="target", **MINI),
 }
 
 
-def run_one(name: str, data: Path, steps: int, out: Path, eval_steps: int, sample_eval: int) -> dict:
+def run_one(name: str, data: Path, steps: int, out: Path, eval_steps: int, sample_eval: int,
+            reuse: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -52,9 +59,14 @@ def run_one(name: str, data: Path, steps: int, out: Path, eval_steps: int, sampl
     opts = {**BASE, **RECIPES[name], "chunked_embeddings_dir": str(data / "train"), "eval_dir": str(data / "eval"),
             "holdout_fraction": 0.0, "eval_samples": 8, "max_steps": steps, "output_dir": str(out / name)}
     cfg = TrainConfig(**opts)
-    t0 = time.time()
-    train(cfg)
-    train_s = time.time() - t0
+    done = out / name / "train_seconds.txt"
+    if reuse and done.exists():  # evaluate an earlier run of this recipe again
+        train_s = float(done.read_text())
+    else:
+        t0 = time.time()
+        train(cfg)
+        train_s = time.time() - t0
+        done.write_text(f"{train_s:.1f}")
     den = Denoiser.from_pretrained(out / name)
     ev = Embeddings(str(data / "eval"))
     batch = PairDataset(ev, list(range(len(ev))), cfg.task_mode, cfg.training_mode).stack()
@@ -68,12 +80,13 @@ def run_one(name: str, data: Path, steps: int, out: Path, eval_steps: int, sampl
     noise = torch.randn(batch["target"].shape, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         pts = {rule: torch.cat([point_estimate(den.model, noise[i:i + 32], batch["condition"][i:i + 32], 1.0,
-                                               den.prediction_type, rule=rule).float()
+                                               den.prediction_type, rule=rule, path=den.path).float()
                                 for i in range(0, len(noise), 32)]) for rule in ("posterior_mean", "exp_map")}
     cos = {rule: float((p * batch["target"]).sum(-1).mean()) for rule, p in pts.items()}
     ridge_all = float((baselines.ridge.predict(batch["condition"]) * batch["target"]).sum(-1).mean())
     sub = {k: v[:sample_eval] for k, v in batch.items()}
-    ecfg = EvalConfig(num_steps=eval_steps, sample_counts=(1, 4), noise_levels=(), precision=cfg.precision)
+    ecfg = EvalConfig(num_steps=eval_steps, sample_counts=(1, 4), noise_levels=(), precision=cfg.precision,
+                      path=den.path)
     t1 = time.time()
     res = evaluate(den.model, sub, den.prediction_type, cfg.task_mode, 0.0, 1.0, ecfg, baselines)
     g = res["generation"]
@@ -111,6 +124,7 @@ def main():
     ap.add_argument("--sample_eval", type=int, default=64, help="eval samples for the sampler's metrics")
     ap.add_argument("--output", default="", help="write the rows as JSON here")
     ap.add_argument("--workdir", default="")
+    ap.add_argument("--reuse", action="store_true", help="evaluate runs already trained in --workdir again")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one recipe in this process
     args = ap.parse_args()
     data = Path(args.data)
@@ -118,7 +132,7 @@ def main():
         sys.exit(f"{data}: expected train/ and eval/ (run sh ../shared/realdata/make.sh {data})")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="real_quality_"))
     if args.one:
-        row = run_one(args.one, data, args.steps, work, args.eval_steps, args.sample_eval)
+        row = run_one(args.one, data, args.steps, work, args.eval_steps, args.sample_eval, args.reuse)
         print("ROW " + json.dumps(row))
         return
     names = list(RECIPES) if args.recipes == "all" else args.recipes.split(",")
@@ -128,7 +142,7 @@ def main():
     rows = []
     for name in names:  # one fresh process per recipe
         cmd = [sys.executable, __file__, str(data), "--one", name, "--steps", str(args.steps),
-               "--eval_steps", str(args.eval_steps), "--sample_eval", str(args.sample_eval), "--workdir", str(work)]
+               "--eval_steps", str(args.eval_steps), "--sample_eval", str(args.sample_eval), "--workdir", str(work)] + (["--reuse"] if args.reuse else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
         if proc.returncode != 0 or not found:

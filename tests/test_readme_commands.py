@@ -52,6 +52,8 @@ SKIPPED = {
         "8 GPUs; tests/test_distributed.py::test_readme_torchrun_command_with_default_flags runs it with 2 CPU "
         "processes (DDP and --fsdp)",
     'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)': "SLURM (sbatch script)",
+    "sh ../shared/realdata/make.sh /tmp/rd": "builds the real development benchmark from the workplace's shared "
+                                             "folder (Debian downloads, minutes); never part of the repository",
     "srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$head:29500 "
     "--rdzv_id=$SLURM_JOB_ID train_universal_denoising.py --chunked_embeddings_dir /data/store --output_dir ./run "
     "--resume ...": "SLURM (sbatch script), 32 GPUs",
@@ -60,6 +62,8 @@ SKIPPED = {
 }
 
 COVERED_ELSEWHERE = {
+    "python benchmarks/real_quality.py /tmp/rd --recipes default --steps 1000":
+        "tests/test_real_quality_script.py::test_real_quality_script_prints_and_writes_a_row",  # real data: minutes
     "blip3o-denoise demo": "tests/test_demo.py::test_demo_quick_mode_beats_every_baseline_it_prints",
     "python train_universal_denoising.py --task_mode clip_denoising --chunked_embeddings_dir /data/embeddings "
     "--output_dir ./test_overfit --overfit_test_size 20 --batch_size 4 --num_epochs 50 --max_shards 1":

@@ -18,13 +18,13 @@ def test_real_quality_script_prints_and_writes_a_row(tmp_path):
     make_synthetic(data / "eval", SyntheticSpec(num_samples=6, eva_dim=16, clip_dim=8, tokens=16, seed=1))
     out = tmp_path / "rows.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "real_quality.py"), str(data), "--recipes", "lr1e-3_target",
+        [sys.executable, str(ROOT / "benchmarks" / "real_quality.py"), str(data), "--recipes", "mini_shift3_target",
          "--steps", "2", "--eval_steps", "2", "--sample_eval", "4", "--output", str(out),
          "--workdir", str(tmp_path / "work")], capture_output=True, text=True,
         env={**os.environ, "BENCH_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["recipe"] for r in rows] == ["lr1e-3_target"]
+    assert [r["recipe"] for r in rows] == ["mini_shift3_target"]
     for r in rows:
         assert r["eval_samples"] == 6 and r["sample_eval"] == 4
         for key in ("point", "point_exp_map", "ridge", "mean_of_4", "single"):
@@ -32,4 +32,4 @@ def test_real_quality_script_prints_and_writes_a_row(tmp_path):
         assert r["fd"] >= 0 and r["ridge_fd"] >= 0
     # target prediction has one reading only: both point columns agree
     assert abs(rows[0]["point"] - rows[0]["point_exp_map"]) < 1e-6
-    assert "lr1e-3_target" in proc.stdout and "ridge" in proc.stdout
+    assert "mini_shift3_target" in proc.stdout and "ridge" in proc.stdout

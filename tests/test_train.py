@@ -109,6 +109,10 @@ def test_flags_change_what_is_built(data, tmp_path):
     g = base.optimizer.param_groups
     assert g[0]["weight_decay"] == 0.01 and build(tiny(data, tmp_path, weight_decay=0.3)).optimizer.param_groups[0]["weight_decay"] == 0.3
     assert build(tiny(data, tmp_path, learning_rate=0.5)).optimizer.param_groups[0]["initial_lr"] == 0.5
+    # the default (0) is resolved from the width, and the run records the number it used
+    run = build(tiny(data, tmp_path))
+    assert run.optimizer.param_groups[0]["initial_lr"] == pytest.approx(1e-3 * 256 / 64)
+    assert run.run_config["train"]["learning_rate"] == pytest.approx(1e-3 * 256 / 64)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -269,7 +273,7 @@ def first_losses(out):
     {"noise_schedule": "logit_normal"}, {"min_noise_level": 0.5, "max_noise_level": 0.6},
     {"sphere_constraint_weight": 5.0, "prediction_type": "target"}, {"precision": "bf16"},
     {"learning_rate": 1e-2}, {"seed": 3}, {"batch_size": 4}, {"conditioning": "both"},
-    {"time_shift": 3.0}, {"path": "euclidean"},
+    {"time_shift": 1.0}, {"path": "euclidean"},
 ])
 def test_each_training_flag_changes_the_run(data, tmp_path, flag):
     base = tmp_path / "base"
@@ -380,7 +384,7 @@ def test_report_to_wandb_says_what_to_install(data, tmp_path):
 
 def test_resume_with_changed_options_warns(data, tmp_path, capsys):
     out = tmp_path / "r"
-    train(tiny(data, out, max_steps=2))
+    train(tiny(data, out, max_steps=2, learning_rate=1e-4))
     capsys.readouterr()
     train(tiny(data, out, max_steps=3, resume=True, learning_rate=5e-4))
     text = capsys.readouterr().out

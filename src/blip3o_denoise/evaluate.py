@@ -37,7 +37,7 @@ DEFAULT_NOISE_LEVELS = (0.3, 0.5, 0.7, 0.9)
 
 @dataclass
 class EvalConfig:
-    num_steps: int = 50
+    num_steps: int = 10
     solver: str = "euler"
     noise_levels: tuple = DEFAULT_NOISE_LEVELS
     sample_counts: tuple = (1, 2, 4, 8)  # K for the normalised mean of K generated samples

@@ -27,6 +27,7 @@ CONDITIONING_MODES = ("aligned", "cross_attention", "both")
 # name: (hidden, depth, heads, kv_heads)
 PRESETS = {
     "micro": (64, 2, 4, 2),  # tests and smoke runs
+    "mini": (256, 4, 4, 2),  # small data, CPU budgets (the real development benchmark's winner)
     "tiny": (384, 6, 6, 2),
     "small": (512, 8, 8, 2),
     "base": (768, 12, 12, 4),
