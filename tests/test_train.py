@@ -318,10 +318,11 @@ def test_seed_readme_commands_run_verbatim(tmp_path):
     assert (tmp_path / "checkpoints_clip" / "final" / "model.safetensors").exists()
     overfit = ["--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(d), "--output_dir", str(tmp_path / "test_overfit"),
                "--overfit_test_size", "20", "--batch_size", "4", "--num_epochs", "50", "--max_shards", "1"]
-    rc = main(["train", *overfit, *fast, "--model_size", "micro", "--learning_rate", "3e-3", "--warmup_steps", "10"])
-    res = json.loads((tmp_path / "test_overfit" / "results.json").read_text())
-    assert res["overfit_test"]["samples"] == 20
-    assert rc == (0 if res["overfit_test"]["passed"] else 3)
+    # flags that differ from the seed's overfit command: --model_size micro (the seed's default is base,
+    # minutes here) and the fast flags above; learning rate, warmup and noise range are the defaults
+    rc = main(["train", *overfit, *fast, "--model_size", "micro"])
+    o = json.loads((tmp_path / "test_overfit" / "results.json").read_text())["overfit_test"]
+    assert o["samples"] == 20 and o["passed"] is True and rc == 0 and o["cosine"] > 0.8
 
 
 def test_report_to_tensorboard_writes_events_or_says_what_to_install(data, tmp_path):
