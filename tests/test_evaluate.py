@@ -183,6 +183,9 @@ def test_eva_denoising_reports_the_copy_the_condition_baseline():
                    EvalConfig(num_steps=2, noise_levels=(0.5,), distribution=False))
     copy = res["denoising"]["0.5"]["baselines"]["copy_condition"]["cosine_mean"]
     assert abs(copy - 1.0) < 1e-5
+    from blip3o_denoise.evaluate import format_results
+
+    assert "copying the condition scores 1.0000" in format_results(res)
 
 
 def test_final_in_training_evaluation_is_bounded_by_training_compute():

@@ -121,7 +121,10 @@ def test_profile_generation_and_evaluate(quick):
             assert row["steps"] == 50 and row["per_sample_s"] == pytest.approx(row["seconds"] / row["batch"])
     ev = r["evaluate"]
     assert ev["samples"] == 16 and ev["seconds"] >= ev["evaluate_reported_seconds"] - 0.01 > 0
-    assert ev["settings"]["num_steps"] == 50 and ev["settings"]["sample_counts"] == [1, 2, 4, 8]
+    from blip3o_denoise.evaluate import EvalConfig
+
+    assert ev["settings"]["num_steps"] == EvalConfig().num_steps  # evaluate() at its defaults
+    assert ev["settings"]["sample_counts"] == list(EvalConfig().sample_counts)
 
 
 def test_time_guard_skips_and_records(tmp_path):

@@ -533,7 +533,7 @@ def test_divergence_stop_is_an_error_line(tmp_path, capsys):
     write_seed_shard(d, 0, clip, eva, [f"k{i}" for i in range(20)], [""] * 20, False)
     assert main(["train", "--chunked_embeddings_dir", str(d), "--output_dir", str(tmp_path / "o"), "--model_size",
                  "micro", "--hidden_size", "32", "--depth", "1", "--batch_size", "4", "--max_bad_steps", "2",
-                 "--holdout_fraction", "0.2", "--no_progress"]) == 2
+                 "--holdout_fraction", "0.2", "--no_progress", "--skip_value_check"]) == 2
     assert "non-finite steps in a row" in _one_error_line(capsys)
 
 
@@ -571,3 +571,23 @@ def test_target_and_noise_prediction_get_gradients_from_the_first_step(data, tmp
     steps = [r for r in recs if "grad_norm" in r]
     assert all(r["grad_norm"] > 1e-3 for r in steps)
     assert steps[-1]["mse"] < steps[0]["mse"]
+
+
+def test_finite_divergence_is_reported_in_the_log_and_results(data, tmp_path, monkeypatch, capsys):
+    from blip3o_denoise import train as train_mod
+
+    calm = train(tiny(data, tmp_path / "calm", max_steps=12))
+    assert calm["divergence"] == []
+    real_loss, calls = train_mod.flow_loss, [0]
+
+    def blowing_up(pred, path, cfg):  # finite, but 1e4 times larger from the 9th step on
+        total, parts = real_loss(pred, path, cfg)
+        calls[0] += 1
+        return (total * 1e4 if calls[0] > 8 else total), parts
+
+    monkeypatch.setattr(train_mod, "flow_loss", blowing_up)
+    res = train(tiny(data, tmp_path / "wild", max_steps=12))
+    assert [e["step"] for e in res["divergence"]] == [11]  # spikes at 9, 10, 11: three logs in a row
+    assert res["divergence"][0]["loss"] > 100 * res["divergence"][0]["running_median"]
+    assert "is diverging" in capsys.readouterr().out
+    assert json.loads((tmp_path / "wild" / "results.json").read_text())["divergence"] == res["divergence"]

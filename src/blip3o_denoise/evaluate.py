@@ -349,6 +349,9 @@ def format_results(result: dict) -> str:
         lines.append(f"{'denoising':<22}{'model':>10}{'point est.':>12}{'identity':>10}  verdict (point estimate)")
         for s, d in result["denoising"].items():
             verdict = d["rating"] + ("" if d["beats_identity"] else ", but NOT better than the noisy input")
+            if "copy_condition" in d["baselines"]:  # eva_denoising: the condition is the clean target
+                verdict += (f"; copying the condition scores {d['baselines']['copy_condition']['cosine_mean']:.4f} "
+                            "(the condition is the clean target)")
             lines.append(f"{'  from s=' + s:<22}{d['model']['cosine_mean']:>10.4f}{d['point_estimate']['cosine_mean']:>12.4f}"
                          f"{d['baselines']['identity']['cosine_mean']:>10.4f}  {verdict}")
     return "\n".join(lines)

@@ -5,11 +5,13 @@ Read top to bottom: :class:`TrainConfig` (every flag), :func:`build`, :func:`tra
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import random
 import shutil
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -191,6 +193,31 @@ AUTO_LR_AT_256 = 1e-3
 
 def auto_learning_rate(hidden_size: int) -> float:
     return AUTO_LR_AT_256 * 256 / hidden_size
+
+
+class DivergenceWatch:
+    """Finite divergence: the logged loss above ``factor`` x the median of the last ``window`` logged
+    losses for ``patience`` logs in a row. Non-finite steps are skipped elsewhere; this catches a run
+    that stays finite but blows up. Events go to the console and to ``results.json["divergence"]``."""
+
+    def __init__(self, factor: float = 100.0, window: int = 50, patience: int = 3):
+        self.factor, self.patience = factor, patience
+        self.history: collections.deque = collections.deque(maxlen=window)
+        self.in_a_row = 0
+        self.events: list[dict] = []
+
+    def update(self, step: int, loss: float) -> dict | None:
+        median = statistics.median(self.history) if len(self.history) >= 5 else None
+        if median is not None and loss > self.factor * median:
+            self.in_a_row += 1
+        else:
+            self.in_a_row = 0
+            self.history.append(loss)  # a spike never enters the reference it is judged against
+        if self.in_a_row != self.patience:
+            return None
+        event = {"step": step, "loss": loss, "running_median": median, "factor": self.factor}
+        self.events.append(event)
+        return event
 
 
 def is_main() -> bool:
@@ -853,6 +880,7 @@ def _train(cfg: TrainConfig) -> dict:
         bar = tqdm(total=run.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     accum = cfg.gradient_accumulation_steps
     bad_in_a_row = 0
+    watch = DivergenceWatch()
     t_last, samples_since = time.time(), 0
     model.train()
 
@@ -940,6 +968,11 @@ def _train(cfg: TrainConfig) -> dict:
             if main and log_now:
                 now = time.time()
                 world = dist.get_world_size() if dist.is_initialized() else 1
+                if (event := watch.update(step, float(logged[0]))) is not None:
+                    (bar.write if bar is not None else print)(
+                        f"warning: step {step}: loss {event['loss']:.4g} is above {event['factor']:g}x its running "
+                        f"median {event['running_median']:.4g} for {watch.patience} logged steps in a row: the run "
+                        "is diverging (lower --learning_rate?); recorded in results.json")
                 record = {
                     "step": step, "epoch": epoch, "loss": float(logged[0]), "mse": float(logged[1]),
                     "sphere_penalty": float(logged[2]), "grad_norm": float(grad_norm),
@@ -982,6 +1015,7 @@ def _train(cfg: TrainConfig) -> dict:
         export_model(out, full_model_state(ema_model), run.run_config)
         result = run_evaluation(run, step, ema_model, final=True)
         result["skipped_nonfinite"] = counters["skipped_nonfinite"]
+        result["divergence"] = watch.events
         reporter.log({"step": step, "eval": result, "final": True})
         reporter.close()
         (out / "results.json").write_text(json.dumps(result, indent=2))
