@@ -220,8 +220,9 @@ def test_cli_end_to_end_train_evaluate_generate(data, tmp_path):
     assert "generation from pure noise" in rc.stdout and "dispersion ratio" in rc.stdout
     res_path = tmp_path / "eval.json"
     assert main(["evaluate", "--checkpoint", str(out), "--chunked_embeddings_dir", str(data), "--output", str(res_path),
-                 "--num_inference_steps", "3", "--noise_levels", "0.5"]) == 0
+                 "--num_inference_steps", "3", "--noise_levels", "0.5", "--precision", "bf16", "--no_progress"]) == 0
     res = json.loads(res_path.read_text())
+    assert res["precision"] == "bf16"  # the run trained in fp32: the flag, not the run's default, decided
     assert set(res["denoising"]) == {"0.5"} and "generation" in res and res["seconds"] >= 0
     g = res["generation"]
     assert set(g["mean_of_k"]) == {"1", "2", "4", "8"} and "dispersion_ratio" in g and "diversity" in g
@@ -229,8 +230,9 @@ def test_cli_end_to_end_train_evaluate_generate(data, tmp_path):
     assert {"frechet_distance", "precision", "recall"} <= set(g["distribution"]) and "distribution" in g["baselines"]["ridge"]
     sweep_path = tmp_path / "sweep.json"
     assert main(["sweep", "--checkpoint", str(out), "--chunked_embeddings_dir", str(data), "--output", str(sweep_path),
-                 "--steps", "1,3", "--k", "2", "--num_samples", "4"]) == 0
+                 "--steps", "1,3", "--k", "2", "--num_samples", "4", "--precision", "bf16"]) == 0
     sw = json.loads(sweep_path.read_text())
+    assert sw["solvers"] == ["euler"] and "frechet_distance" in sw["rows"][0] and sw["precision"] == "bf16"
     assert [r["steps"] for r in sw["rows"]] == [1, 3] and "mean_of_2" in sw["rows"][0]
     assert sweep_path.with_suffix(".png").stat().st_size > 5000
     assert main(["sweep", "--checkpoint", str(out), "--chunked_embeddings_dir", str(data), "--output", str(sweep_path),

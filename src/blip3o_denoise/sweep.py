@@ -130,6 +130,7 @@ def run_sweep(ns) -> dict:
         result = sweep(den.model, {k: v.to(den.device) for k, v in batch.items() if k != "index"}, den.prediction_type,
                        [int(s) for s in ns.steps.split(",")], guidance, ns.k, solvers, ns.seed, pca, precision,
                        path=den.path, min_noise_level=den.min_noise_level)
+    result["precision"] = precision
     result["steps_within_10pct_of_best_fd"] = steps_to_match(result["rows"])
     result["seconds"] = round(time.time() - started, 2)
     out = Path(ns.output)
