@@ -81,15 +81,9 @@ def test_condition_projected_once_per_generation_with_and_without_guidance():
 
 
 def test_guidance_changes_samples_and_one_means_conditional():
-    from blip3o_denoise.model import ModelConfig, UniversalDiT
     from blip3o_denoise.sampling import generate
 
-    torch.manual_seed(0)
-    m = UniversalDiT(ModelConfig(input_dim=8, cond_dim=12, hidden_size=32, depth=2, num_heads=4, num_kv_heads=2,
-                                 cond_dropout=0.1)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    m = _perturbed_guidance_model()
     c = torch.randn(2, 16, 12)
     g = lambda w: generate(m, c, "velocity", num_steps=4, guidance=w, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(g(1.0), g(1.0))
@@ -100,15 +94,10 @@ def test_guidance_changes_samples_and_one_means_conditional():
 def test_guidance_is_the_cfg_formula_on_velocities(ptype):
     """guided = v_u + w (v_c - v_u), with v_c and v_u computed separately here; w = 1 is v_c exactly."""
     from blip3o_denoise.flow import prediction_to_velocity
-    from blip3o_denoise.model import ModelConfig, UniversalDiT
     from blip3o_denoise.sampling import model_velocity_fn
 
-    torch.manual_seed(0)
-    m = UniversalDiT(ModelConfig(input_dim=8, cond_dim=12, hidden_size=32, depth=2, num_heads=4, num_kv_heads=2,
-                                 cond_dropout=0.1)).eval()
+    m = _perturbed_guidance_model()
     with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
         m.null_cond.copy_(torch.randn_like(m.null_cond))  # a null condition far from any real one
     c = torch.randn(2, 16, 12)
     x = S.normalize(torch.randn(2, 16, 8))
@@ -121,3 +110,17 @@ def test_guidance_is_the_cfg_formula_on_velocities(ptype):
         for w in (0.0, 2.5, 4.0):
             guided = model_velocity_fn(m, c, ptype, guidance=w)(x, t)
             assert torch.allclose(guided, v_u + w * (v_c - v_u), atol=1e-5), w
+
+
+def _perturbed_guidance_model():
+    """A small model trained-for-guidance in shape (cond_dropout > 0) with every weight nudged off its
+    init, so conditional and null-condition outputs differ."""
+    from blip3o_denoise.model import ModelConfig, UniversalDiT
+
+    torch.manual_seed(0)
+    m = UniversalDiT(ModelConfig(input_dim=8, cond_dim=12, hidden_size=32, depth=2, num_heads=4, num_kv_heads=2,
+                                 cond_dropout=0.1)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
