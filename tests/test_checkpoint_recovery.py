@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import blip3o_denoise.train as T
+import blip3o_denoise.checkpoint as C
+import blip3o_denoise.report as R
 from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
 from blip3o_denoise.train import TrainConfig, checkpoint_dirs, train
 
@@ -68,7 +69,7 @@ def test_resume_with_every_checkpoint_damaged_names_them(data, tmp_path):
 
 def test_kill_during_rotation_leaves_no_half_deleted_checkpoint(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_rmtree = T.shutil.rmtree
+    real_rmtree = C.shutil.rmtree
     calls = []
 
     def killed_while_deleting(path, *a, **kw):
@@ -80,16 +81,16 @@ def test_kill_during_rotation_leaves_no_half_deleted_checkpoint(data, tmp_path, 
             raise Killed(path)
         return real_rmtree(path, *a, **kw)
 
-    monkeypatch.setattr(T.shutil, "rmtree", killed_while_deleting)
+    monkeypatch.setattr(C.shutil, "rmtree", killed_while_deleting)
     with pytest.raises(Killed):
         train(tiny(data, out, keep_checkpoints=1))
-    monkeypatch.setattr(T.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(C.shutil, "rmtree", real_rmtree)
     assert calls  # the rotation after the second save was interrupted
     train(tiny(data, out, keep_checkpoints=1, resume=True))
     root = out / "checkpoints"
     leftovers = sorted(p.name for p in root.iterdir())
     assert leftovers == ["step_00000006"], leftovers
-    assert all((root / "step_00000006" / f).exists() for f in T.CHECKPOINT_FILES)
+    assert all((root / "step_00000006" / f).exists() for f in C.CHECKPOINT_FILES)
 
 
 def test_step_dirs_without_config_are_removed_at_the_next_save(data, tmp_path):
@@ -106,7 +107,7 @@ def test_step_dirs_without_config_are_removed_at_the_next_save(data, tmp_path):
 def test_metrics_after_a_resume_have_each_step_once(data, tmp_path, monkeypatch):
     """Killed at step 5 (after the step-4 checkpoint) and mid-line: the resumed run replays 5 and 6."""
     out = tmp_path / "run"
-    real_log = T._Reporter.log
+    real_log = R.Reporter.log
 
     def log_then_die(self, record):
         real_log(self, record)
@@ -115,10 +116,10 @@ def test_metrics_after_a_resume_have_each_step_once(data, tmp_path, monkeypatch)
                 f.write('{"step": 6, "lo')  # a record torn by the kill
             raise Killed()
 
-    monkeypatch.setattr(T._Reporter, "log", log_then_die)
+    monkeypatch.setattr(R.Reporter, "log", log_then_die)
     with pytest.raises(Killed):
         train(tiny(data, out, max_steps=6, save_every_n_steps=4))
-    monkeypatch.setattr(T._Reporter, "log", real_log)
+    monkeypatch.setattr(R.Reporter, "log", real_log)
     train(tiny(data, out, max_steps=6, save_every_n_steps=4, resume=True))
     steps, recs = loss_steps(out)
     assert steps == [1, 2, 3, 4, 5, 6]

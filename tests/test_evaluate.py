@@ -205,7 +205,7 @@ def test_final_in_training_evaluation_is_bounded_by_training_compute():
 
 def test_sweep_reports_distribution_per_solver_and_steps():
     from blip3o_denoise.distribution import PCABasis
-    from blip3o_denoise.sweep import steps_to_match, sweep
+    from blip3o_denoise.sweep import sweep
 
     model, batch = _micro_model(), _batch()
     pca = PCABasis.fit(batch["target"].reshape(-1, 16), 8)

@@ -61,7 +61,7 @@ def test_sigkill_during_checkpoint_write(data, tmp_path, reference):
     out = tmp_path / "run"
     code = (
         "import os, signal, sys\n"
-        "import blip3o_denoise.train as T\n"
+        "import blip3o_denoise.checkpoint as T\n"
         "real = T.save_file\n"
         "calls = []\n"
         "def dying(*a, **k):\n"

@@ -16,14 +16,11 @@ from .sphere import normalize
 DEFAULT_LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
-def mean_direction(targets: torch.Tensor) -> torch.Tensor:
-    """Unit mean of unit tokens over samples and positions ``[D]``."""
-    return normalize(normalize(targets.float()).mean(dim=(0, 1)))
-
-
-def per_position_mean(targets: torch.Tensor) -> torch.Tensor:
-    """Unit mean per token position ``[N, D]``."""
-    return normalize(normalize(targets.float()).mean(dim=0))
+def mean_baselines(token_sum: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the sum ``[N, D]`` of unit target tokens over ``count`` samples: the unit mean per position
+    ``[N, D]`` and the mean direction ``[D]`` (the unit mean of those per-position directions)."""
+    per_position = normalize(token_sum / count)
+    return per_position, normalize(per_position.mean(0))
 
 
 class RidgeStats:

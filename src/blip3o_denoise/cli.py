@@ -8,85 +8,25 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-HELP = {
-    "task_mode": "eva_denoising (noisy EVA -> EVA, conditioned on EVA) or clip_denoising (noisy CLIP -> CLIP, conditioned on EVA)",
-    "chunked_embeddings_dir": "directory of seed .pkl shards or a converted store",
-    "output_dir": "where checkpoints, metrics.jsonl, results.json and final/ go",
-    "model_size": "preset: micro, mini, tiny, small, base, large (mini: small data or a CPU budget)",
-    "training_mode": "patch_only (N = g*g; CLS dropped if present) or cls_patch (N = 1 + g*g, data must have CLS)",
-    "batch_size": "samples per step per process (times --gradient_accumulation_steps)",
-    "num_epochs": "passes over the training split (ignored when --max_steps is set)",
-    "learning_rate": "peak AdamW learning rate (0 = 1e-3 * 256 / hidden size: measured best at width 256, scaled "
-                     "by width; tiny 6.7e-4, base 3.3e-4)",
-    "max_grad_norm": "gradient clipping threshold (0 disables clipping; the logged norm is the real one)",
-    "sphere_constraint_weight": "weight of the penalty: normal component of a predicted velocity, or |pred| - 1 for target/noise",
-    "prediction_type": "velocity, target (x1) or noise (x0); all integrate as tangent velocities",
-    "noise_schedule": "law of the noise level s in training: uniform, cosine (arcsine), logit_normal",
-    "min_noise_level": "lowest noise level s = 1 - t drawn in training",
-    "max_noise_level": "highest noise level drawn in training (1.0 is needed for generation from pure noise)",
-    "overfit_test_size": "train on exactly K training samples and report whether their cosine passes 0.8",
-    "max_shards": "read only the first K shards (0 = all)",
-    "debug_mode": "log per-step diagnostics (time range, norms, velocity cosine, grad norm per module) every step",
-    "seed": "seed for the model init, data order, noise and the evaluation",
-    "warmup_steps": "linear learning-rate warmup steps before cosine decay",
-    "weight_decay": "AdamW weight decay (not on norms, biases or the null condition)",
-    "min_lr_ratio": "the cosine decay ends at learning_rate * min_lr_ratio",
-    "eval_every_n_steps": "held-out evaluation period in steps (0 = only at the end)",
-    "save_every_n_steps": "checkpoint period in steps (a checkpoint is always written at the end)",
-    "keep_checkpoints": "how many recent checkpoints to keep (0 = keep them all)",
-    "num_workers": "DataLoader worker processes",
-    "precision": "fp32 or bf16 (autocast; fp32 master weights; RMSNorm in fp32)",
-    "conditioning": "aligned (add projected condition token-wise), cross_attention, or both",
-    "cond_dropout": "probability in [0, 1) of training with the null condition (enables classifier-free guidance; "
-                    "at 0 the null condition is frozen)",
-    "num_inference_steps": "ODE steps for evaluation and generation",
-    "solver": "euler, heun or midpoint (all step on the sphere with the exponential map)",
-    "resume": "continue from the newest complete checkpoint in --output_dir",
-    "max_steps": "stop after this many optimizer steps (0 = num_epochs worth)",
-    "gradient_accumulation_steps": "micro-batches per optimizer step (no gradient sync on the accumulating ones)",
-    "ema_decay": "EMA decay of the weights, in [0, 1); evaluation and final/ use the EMA",
-    "holdout_fraction": "share of samples (by key hash) held out for evaluation, never trained on; in [0, 1)",
-    "eval_dir": "evaluate on this separate directory instead of the held-out split",
-    "eval_samples": "held-out samples used per evaluation (at least 1)",
-    "log_every_n_steps": "metrics.jsonl period in steps (at least 1; the first and last steps are always logged)",
-    "max_bad_steps": "stop after this many non-finite steps in a row",
-    "report_to": "none, tensorboard or wandb (besides metrics.jsonl)",
-    "device": "auto (cuda if available), cpu, cuda, cuda:1 ...",
-    "grad_checkpointing": "recompute block activations in the backward pass (less memory)",
-    "compile": "torch.compile the model (slow first steps, faster after)",
-    "fsdp": "shard parameters, gradients and optimizer state across processes (torch's fully_shard; torchrun only)",
-    "hidden_size": "override the preset's hidden width (0 = preset)",
-    "depth": "override the preset's number of blocks (0 = preset)",
-    "num_heads": "override the preset's attention heads (0 = preset)",
-    "num_kv_heads": "override the preset's key/value heads (0 = preset)",
-    "logit_normal_mean": "mean of the logit-normal noise-level law",
-    "logit_normal_std": "std of the logit-normal noise-level law",
-    "path": "sphere (slerp path, steps on the sphere: the method) or euclidean (straight line between the same "
-            "unit tokens, normalised at the end: the A/B counterpart)",
-    "time_shift": "shift the noise-level law toward noise: s -> a s / (1 + (a - 1) s) (1 = no shift; "
-                  "3 won on the real development benchmark at N = 256, D = 256)",
-    "progress": "show a progress bar (--no_progress hides it)",
-    "skip_value_check": "skip the one read of the training and held-out data that finds NaN/inf values before "
-                        "training starts",
-    "ignore_manifest": "train even when embeddings_manifest.json disagrees with the shards present (a missing shard, "
-                       "another total_samples)",
-}
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+    """One flag per :class:`TrainConfig` field, its help text from the field; a bool that defaults to true
+    gets ``--no_<name>``."""
+    from .config import TrainConfig
 
-    p.add_argument("--config", default=argparse.SUPPRESS, help="YAML or JSON file of options; flags given here override it")
+    p.add_argument("--config", default=argparse.SUPPRESS,
+                   help="YAML or JSON file of options; flags given here override it")
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else None
         if f.type in ("bool", bool):
             if default:
-                p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS, help=HELP[f.name])
+                p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                               help=f.metadata["help"])
             else:
-                p.add_argument(f"--{f.name}", action="store_true", default=argparse.SUPPRESS, help=HELP[f.name])
+                p.add_argument(f"--{f.name}", action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
             continue
         kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-        p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=f"{HELP[f.name]} (default: {default})")
+        p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
+                       help=f"{f.metadata['help']} (default: {default})")
 
 
 def load_config_file(path: str) -> dict:
@@ -114,7 +54,7 @@ def load_config_file(path: str) -> dict:
 
 
 def train_config_from_args(ns: argparse.Namespace):
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     given = dict(vars(ns))
     given.pop("command", None)
@@ -130,77 +70,6 @@ def cmd_train(ns) -> int:
     if "overfit_test" in result and not result["overfit_test"]["passed"]:
         return 3
     return 0
-
-
-def _load_eval_set(ck_config: dict, directory: str, split: str, holdout_fraction: float | None, max_samples: int):
-    from .data.dataset import Embeddings, PairDataset, split_indices
-
-    emb = Embeddings(directory)
-    tr = ck_config["train"]
-    if split == "all":
-        idx = list(range(len(emb)))
-    else:
-        _, idx = split_indices(emb.keys, tr["holdout_fraction"] if holdout_fraction is None else holdout_fraction)
-    if max_samples:
-        idx = idx[:max_samples]
-    if not idx:
-        raise ValueError(f"{directory}: no samples in the '{split}' split")
-    ds = PairDataset(emb, idx, tr["task_mode"], tr["training_mode"])
-    data = ck_config["data"]
-    trained = (data["target_dim"], data["cond_dim"], data["tokens"], data.get("cond_tokens", data["tokens"]))
-    if (ds.target_dim, ds.cond_dim, ds.tokens, ds.cond_tokens) != trained:
-        raise ValueError(
-            f"{directory}: data has target width {ds.target_dim}, condition width {ds.cond_dim}, {ds.tokens} target "
-            f"and {ds.cond_tokens} condition tokens; the model was trained on {trained[0]}, {trained[1]}, "
-            f"{trained[2]} and {trained[3]}"
-        )
-    return ds
-
-
-def _refuse_nonfinite(batch: dict, ds, names: tuple[str, ...]) -> None:
-    """A ValueError naming the key of the first sample whose ``names`` tensors hold NaN or inf."""
-    import torch
-
-    for name in names:
-        bad = ~torch.isfinite(batch[name]).flatten(1).all(dim=1)
-        if bool(bad.any()):
-            i = int(batch["index"][int(bad.nonzero()[0])])
-            shard, row = ds.emb.locate(i)
-            raise ValueError(
-                f"{shard.path}: sample {row} (key {ds.emb.keys[i]!r}) has non-finite values (NaN or inf) in its "
-                f"{name}; `blip3o-denoise inspect --check_values` lists such shards"
-            )
-
-
-def _nonfinite_fields(obj, where: str = "") -> list[str]:
-    """Paths of the non-finite numbers in a nested result (a NaN must not pass for a score)."""
-    import math
-
-    if isinstance(obj, dict):
-        return [p for k, v in obj.items() for p in _nonfinite_fields(v, f"{where}.{k}" if where else str(k))]
-    if isinstance(obj, (list, tuple)):
-        return [p for i, v in enumerate(obj) for p in _nonfinite_fields(v, f"{where}[{i}]")]
-    return [where] if isinstance(obj, float) and not math.isfinite(obj) else []
-
-
-def _train_split(cfg: dict, train_dir: str):
-    """The training split of a run (for fitting baselines), or None when its data is not here."""
-    from .data.dataset import Embeddings, PairDataset, split_indices
-
-    tdir = train_dir or cfg["train"]["chunked_embeddings_dir"]
-    if not tdir or not Path(tdir).is_dir():
-        return None
-    temb = Embeddings(tdir, cfg["train"].get("max_shards") or None)
-    tr_idx, _ = split_indices(temb.keys, cfg["train"]["holdout_fraction"])
-    return PairDataset(temb, tr_idx, cfg["train"]["task_mode"], cfg["train"]["training_mode"])
-
-
-def _training_samples(ds, train_set) -> list[str] | None:
-    """Keys of the evaluation samples that are in the run's training split (None: that split is unknown here)."""
-    if train_set is None:
-        return None
-    train_keys = {train_set.emb.keys[i] for i in train_set.indices}
-    return [ds.emb.keys[i] for i in ds.indices if ds.emb.keys[i] in train_keys]
 
 
 def _eval_config(ns, den):
@@ -219,17 +88,18 @@ def _eval_config(ns, den):
 def cmd_evaluate(ns) -> int:
     import time
 
-    from .evaluate import evaluate, fit_baselines, format_results
+    from .data.dataset import keys_in_training, load_eval_split, refuse_nonfinite, training_split
+    from .evaluate import evaluate, fit_baselines, format_results, nonfinite_fields
     from .pipeline import Denoiser
 
     started = time.time()
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
     cfg = den.config
-    ds = _load_eval_set(cfg, ns.chunked_embeddings_dir, ns.split, ns.holdout_fraction, ns.num_samples)
+    ds = load_eval_split(cfg, ns.chunked_embeddings_dir, ns.split, ns.holdout_fraction, ns.num_samples)
     batch = ds.stack()  # the held-out samples are read once, for every metric
-    _refuse_nonfinite(batch, ds, ("condition", "target"))
-    train_set = _train_split(cfg, ns.train_dir)
-    in_training = _training_samples(ds, train_set)
+    refuse_nonfinite(batch, ds, ("condition", "target"))
+    train_set = training_split(cfg, ns.train_dir)
+    in_training = keys_in_training(ds, train_set)
     if in_training and not ns.allow_train_samples:
         raise ValueError(
             f"{ns.chunked_embeddings_dir}: {len(in_training)} of the {len(ds)} evaluation samples were in the run's "
@@ -246,7 +116,7 @@ def cmd_evaluate(ns) -> int:
     flow = cfg["flow"]
     result = evaluate(den.model, batch, flow["prediction_type"], cfg["train"]["task_mode"],
                             flow["min_noise_level"], flow["max_noise_level"], _eval_config(ns, den), baselines)
-    bad = _nonfinite_fields(result)
+    bad = nonfinite_fields(result)
     if bad:
         raise ValueError(f"evaluation gave non-finite values in {', '.join(bad[:5])}"
                          f"{' ...' if len(bad) > 5 else ''} (NaN/inf in the training data of the baselines, or a "
@@ -282,14 +152,15 @@ def cmd_generate(ns) -> int:
     import torch
     from safetensors.torch import save_file
 
+    from .data.dataset import load_eval_split, refuse_nonfinite
     from .pipeline import Denoiser
 
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
-    ds = _load_eval_set(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.max_samples)
+    ds = load_eval_split(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.max_samples)
     outs, keys = [], []
     for i in range(0, len(ds), ns.batch_size):
         batch = ds.stack(list(range(i, min(i + ns.batch_size, len(ds)))))
-        _refuse_nonfinite(batch, ds, ("condition",))
+        refuse_nonfinite(batch, ds, ("condition",))
         outs.append(den.generate(batch["condition"], num_steps=ns.num_steps, guidance=ns.guidance,
                                  seed=ns.seed + i).cpu())
         if not bool(torch.isfinite(outs[-1]).all()):
@@ -307,8 +178,9 @@ def cmd_generate(ns) -> int:
 def cmd_extract(ns) -> int:
     from .extract import ExtractConfig, extract
 
-    cfg = ExtractConfig(images=ns.images, output=ns.output, target_model=ns.target_model, condition_model=ns.condition_model,
-                        layer=ns.layer, training_mode=ns.training_mode, batch_size=ns.batch_size, num_workers=ns.num_workers,
+    cfg = ExtractConfig(images=ns.images, output=ns.output, target_model=ns.target_model,
+                        condition_model=ns.condition_model, layer=ns.layer, training_mode=ns.training_mode,
+                        batch_size=ns.batch_size, num_workers=ns.num_workers,
                         device=ns.device, precision=ns.precision, format=ns.format, store_dtype=ns.store_dtype,
                         shard_size=ns.shard_size, trust_remote_code=ns.trust_remote_code, max_images=ns.max_images,
                         progress=not ns.no_progress)
@@ -369,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--chunked_embeddings_dir", required=True)
     e.add_argument("--output", default="", help="write the results JSON here")
     e.add_argument("--split", choices=("heldout", "all"), default="heldout",
-                   help="heldout: the key-hash held-out split (same rule as training); all: every sample (a separate directory)")
+                   help="heldout: the key-hash held-out split (same rule as training); all: every sample (a separate "
+                        "directory)")
     e.add_argument("--holdout_fraction", type=float, default=None, help="default: the training run's")
     e.add_argument("--num_samples", type=int, default=256)
     e.add_argument("--num_inference_steps", type=int, default=0, help="default: the training run's")
@@ -390,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model calls in fp32 or under bf16 autocast (default: the training run's)")
     e.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 
-    w = sub.add_parser("sweep", help="cosine (point estimate, single sample, mean of K) against sampling steps and guidance")
+    w = sub.add_parser("sweep",
+                       help="cosine (point estimate, single sample, mean of K) against sampling steps and guidance")
     w.add_argument("--checkpoint", required=True)
     w.add_argument("--chunked_embeddings_dir", required=True)
     w.add_argument("--output", required=True, help="JSON file; a PNG plot is written beside it")
@@ -417,20 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
 
     x = sub.add_parser("extract", help="images -> paired patch embeddings of two encoders -> store or seed shards")
-    x.add_argument("--images", required=True, help="a folder of images (recursive, optional .txt captions) or WebDataset .tar shards")
+    x.add_argument("--images", required=True,
+                   help="a folder of images (recursive, optional .txt captions) or WebDataset .tar shards")
     x.add_argument("--output", required=True)
-    x.add_argument("--target_model", required=True, help="the encoder whose tokens are generated (the seed's CLIP), hub name or directory")
-    x.add_argument("--condition_model", required=True, help="the conditioning encoder (the seed's EVA-CLIP), hub name or directory")
+    x.add_argument("--target_model", required=True,
+                   help="the encoder whose tokens are generated (the seed's CLIP), hub name or directory")
+    x.add_argument("--condition_model", required=True,
+                   help="the conditioning encoder (the seed's EVA-CLIP), hub name or directory")
     x.add_argument("--layer", type=int, default=-1, help="hidden layer to take tokens from (-1: the last)")
     x.add_argument("--training_mode", choices=("patch_only", "cls_patch"), default="patch_only")
     x.add_argument("--batch_size", type=int, default=32)
     x.add_argument("--num_workers", type=int, default=2, help="DataLoader workers decoding images")
     x.add_argument("--device", default="auto")
-    x.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    x.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                   help="auto: fp16 on GPU, fp32 on CPU")
     x.add_argument("--format", choices=("store", "seed"), default="store")
     x.add_argument("--store_dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     x.add_argument("--shard_size", type=int, default=512, help="input images per shard")
-    x.add_argument("--trust_remote_code", action="store_true", help="allow models that ship their own code (e.g. EVA-CLIP-8B)")
+    x.add_argument("--trust_remote_code", action="store_true",
+                   help="allow models that ship their own code (e.g. EVA-CLIP-8B)")
     x.add_argument("--max_images", type=int, default=0)
     x.add_argument("--no_progress", action="store_true")
 
@@ -460,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--target_noise", type=float, default=0.25)
 
-    d = sub.add_parser("demo", help="synthetic data -> train a tiny model -> held-out evaluation beside baselines -> plot")
+    d = sub.add_parser("demo",
+                       help="synthetic data -> train a tiny model -> held-out evaluation beside baselines -> plot")
     d.add_argument("--output_dir", default="demo_output")
     d.add_argument("--steps", type=int, default=1500, help="training steps (1500: about 2.5 minutes on 2 CPU cores)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
@@ -468,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
-    "train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "generate": cmd_generate, "extract": cmd_extract, "convert": cmd_convert,
+    "train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "generate": cmd_generate, "extract": cmd_extract,
+    "convert": cmd_convert,
     "inspect": cmd_inspect, "make-synthetic": cmd_make_synthetic, "demo": cmd_demo,
 }
 
@@ -478,7 +359,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     import yaml
 
     from .data.safe_pickle import UnsafePickleError
-    from .train import TrainingError
+    from .report import TrainingError
 
     return (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
             UnsafePickleError, yaml.YAMLError, TrainingError)

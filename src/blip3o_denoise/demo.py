@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from .data.synthetic import SyntheticSpec, make_synthetic
-from .train import TrainConfig, train
+from .config import TrainConfig
+from .train import train
 
 DEMO_DATA = dict(eva_dim=256, clip_dim=128, tokens=64, num_shards=2)
 # --quick (the tests): a world of 8 latent factors instead of 32 (a nonlinear map the model learns in

@@ -16,6 +16,7 @@ direction, the per-position mean and a ridge regression fitted on the training s
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import sphere
-from .baselines import Ridge, fit_ridge
+from .baselines import Ridge, fit_ridge, mean_baselines
 from .distribution import PCABasis, distribution_metrics
 from .flow import POINT_ESTIMATES, prediction_to_target
 from .sampling import generate, noise_to_level
@@ -102,8 +103,7 @@ def fit_baselines(train_set, max_samples: int = 512, ridge: bool = True, pca_dim
     if r is None:
         for _ in fit_batches():
             pass
-    per_pos = sphere.normalize(sum_tok / count)
-    mean_dir = sphere.normalize(per_pos.mean(0))
+    per_pos, mean_dir = mean_baselines(sum_tok, count)
     pca = PCABasis.fit(torch.cat(pca_tokens), pca_dim) if pca_tokens else None
     info = {"train_samples": len(fit_pos), "val_samples": len(val_pos), "seconds": round(time.time() - started, 2)}
     if r is not None:
@@ -355,3 +355,12 @@ def format_results(result: dict) -> str:
             lines.append(f"{'  from s=' + s:<22}{d['model']['cosine_mean']:>10.4f}{d['point_estimate']['cosine_mean']:>12.4f}"
                          f"{d['baselines']['identity']['cosine_mean']:>10.4f}  {verdict}")
     return "\n".join(lines)
+
+
+def nonfinite_fields(obj, where: str = "") -> list[str]:
+    """Paths of the non-finite numbers in a nested result (a NaN must not pass for a score)."""
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in nonfinite_fields(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in nonfinite_fields(v, f"{where}[{i}]")]
+    return [where] if isinstance(obj, float) and not math.isfinite(obj) else []

@@ -245,7 +245,7 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, c, rope, cross_kv=None, rope_cond=None):
+    def forward(self, x, c, rope, cross_kv=None):
         mods = self.ada(F.silu(c)).unsqueeze(1).chunk(self.n_mod, dim=-1)
         sh, sc, g = mods[0:3]
         x = x + g * self.attn(_modulate(self.norm_attn(x), sh, sc), rope)
@@ -275,7 +275,6 @@ class ConditionCache:
     tokens: torch.Tensor  # [B, M, H]
     pooled: torch.Tensor  # [B, H]
     cross_kv: list = field(default_factory=list)
-    rope_cond: tuple | None = None
 
 
 class UniversalDiT(nn.Module):
@@ -325,7 +324,6 @@ class UniversalDiT(nn.Module):
         cache = ConditionCache(tokens=tokens, pooled=pooled)
         if self.cfg.uses_cross_attention:
             cos_sin = self.rope.angles(grid_positions(tokens.shape[1], tokens.device))
-            cache.rope_cond = cos_sin
             cache.cross_kv = [blk.cross_attn.keys_values(tokens, cos_sin) for blk in self.blocks]
         return cache
 
@@ -364,7 +362,3 @@ class UniversalDiT(nn.Module):
         shift, scale = self.final_ada(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
         out = self.out(_modulate(self.final_norm(x), shift, scale))
         return out.float() / math.sqrt(d)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

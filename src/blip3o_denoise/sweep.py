@@ -97,7 +97,7 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 
 def run_sweep(ns) -> dict:
-    from .cli import _load_eval_set, _train_split
+    from .data.dataset import load_eval_split, training_split
     from .pipeline import Denoiser
 
     started = time.time()
@@ -115,9 +115,9 @@ def run_sweep(ns) -> dict:
     if any(g != 1.0 for g in guidance) and den.model.cfg.cond_dropout == 0:
         raise ValueError("guidance scales other than 1 need a model trained with --cond_dropout > 0")
     solvers = (ns.solver or den.solver).split(",")
-    ds = _load_eval_set(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.num_samples)
+    ds = load_eval_split(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.num_samples)
     batch = ds.stack()
-    train_set = _train_split(den.config, "")
+    train_set = training_split(den.config, "")
     if train_set is not None:
         pca = fit_baselines(train_set, ridge=False).pca
     else:

@@ -196,3 +196,63 @@ class PairDataset(Dataset):
             "condition": torch.stack([it["condition"] for it in items]),
             "index": torch.tensor([it["index"] for it in items]),
         }
+
+
+# ----------------------------------------------------------------------------- a trained run's data
+
+
+def load_eval_split(run_config: dict, directory: str, split: str, holdout_fraction: float | None,
+                    max_samples: int) -> PairDataset:
+    """The samples of ``directory`` a trained run is evaluated on: its held-out split (``split="heldout"``,
+    the run's holdout fraction unless given) or all of them; checked against the widths the run trained on."""
+    emb = Embeddings(directory)
+    tr = run_config["train"]
+    if split == "all":
+        idx = list(range(len(emb)))
+    else:
+        _, idx = split_indices(emb.keys, tr["holdout_fraction"] if holdout_fraction is None else holdout_fraction)
+    if max_samples:
+        idx = idx[:max_samples]
+    if not idx:
+        raise ValueError(f"{directory}: no samples in the '{split}' split")
+    ds = PairDataset(emb, idx, tr["task_mode"], tr["training_mode"])
+    data = run_config["data"]
+    trained = (data["target_dim"], data["cond_dim"], data["tokens"], data.get("cond_tokens", data["tokens"]))
+    if (ds.target_dim, ds.cond_dim, ds.tokens, ds.cond_tokens) != trained:
+        raise ValueError(
+            f"{directory}: data has target width {ds.target_dim}, condition width {ds.cond_dim}, {ds.tokens} target "
+            f"and {ds.cond_tokens} condition tokens; the model was trained on {trained[0]}, {trained[1]}, "
+            f"{trained[2]} and {trained[3]}"
+        )
+    return ds
+
+
+def refuse_nonfinite(batch: dict, ds, names: tuple[str, ...]) -> None:
+    """A ValueError naming the key of the first sample whose ``names`` tensors hold NaN or inf."""
+    for name in names:
+        bad = ~torch.isfinite(batch[name]).flatten(1).all(dim=1)
+        if bool(bad.any()):
+            i = int(batch["index"][int(bad.nonzero()[0])])
+            shard, row = ds.emb.locate(i)
+            raise ValueError(
+                f"{shard.path}: sample {row} (key {ds.emb.keys[i]!r}) has non-finite values (NaN or inf) in its "
+                f"{name}; `blip3o-denoise inspect --check_values` lists such shards"
+            )
+
+
+def training_split(cfg: dict, train_dir: str) -> PairDataset | None:
+    """The training split of a run (for fitting baselines), or None when its data is not here."""
+    tdir = train_dir or cfg["train"]["chunked_embeddings_dir"]
+    if not tdir or not Path(tdir).is_dir():
+        return None
+    temb = Embeddings(tdir, cfg["train"].get("max_shards") or None)
+    tr_idx, _ = split_indices(temb.keys, cfg["train"]["holdout_fraction"])
+    return PairDataset(temb, tr_idx, cfg["train"]["task_mode"], cfg["train"]["training_mode"])
+
+
+def keys_in_training(ds: PairDataset, train_set: PairDataset | None) -> list[str] | None:
+    """Keys of the evaluation samples that are in the run's training split (None: that split is unknown here)."""
+    if train_set is None:
+        return None
+    train_keys = {train_set.emb.keys[i] for i in train_set.indices}
+    return [ds.emb.keys[i] for i in ds.indices if ds.emb.keys[i] in train_keys]
