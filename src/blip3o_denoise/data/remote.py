@@ -623,3 +623,36 @@ class RemoteEmbeddings:
                 if not bool(torch.isfinite(self.read(i, f)).all()):
                     raise RemoteDataError(f"{self.locate(i)[0].path}: sample {i} (key {self.keys[i]!r}) has "
                                           f"non-finite {f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# one entry point for every command: a shard directory, a store, or a converted (LitData) dataset
+
+
+def is_engine_dataset(path: str | os.PathLike) -> bool:
+    """An ``s3://`` URL or a local directory written by :func:`write_engine_dataset`."""
+    return is_remote(path) or Path(path, MANIFEST).is_file()
+
+
+def default_cache_dir() -> str:
+    """Where remote chunks are cached when no cache directory is given: ``$BLIP3O_CACHE_DIR`` or
+    ``~/.cache/blip3o-denoise/remote``."""
+    return os.environ.get("BLIP3O_CACHE_DIR") or str(Path.home() / ".cache" / "blip3o-denoise" / "remote")
+
+
+def storage_options(endpoint_url: str = "") -> dict | None:
+    """boto3 client options for an S3-compatible endpoint (MinIO, a test server); None: AWS, or the
+    ``AWS_ENDPOINT_URL`` environment variable. Credentials always come from the usual AWS variables."""
+    return {"endpoint_url": endpoint_url} if endpoint_url else None
+
+
+def open_dataset(path: str | os.PathLike, max_shards: int | None = None, check_manifest: bool = False,
+                 cache_dir: str = "", max_cache_size: int | str = "50GB", endpoint_url: str = ""):
+    """``Embeddings`` for seed shards or a store; :class:`RemoteEmbeddings` for a converted dataset,
+    local or ``s3://`` (its chunks cached under ``cache_dir``, default :func:`default_cache_dir`)."""
+    if not is_engine_dataset(path):
+        return Embeddings(path, max_shards, check_manifest=check_manifest)
+    if max_shards:
+        raise ValueError(f"{path}: --max_shards reads the first shards of a shard directory; a converted "
+                         "(LitData) dataset has no shards to choose from")
+    return RemoteEmbeddings(str(path), cache_dir or default_cache_dir(), max_cache_size, storage_options(endpoint_url))
