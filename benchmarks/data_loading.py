@@ -40,7 +40,8 @@ def iterate_ours(directory: str, workers: int, batch: int) -> dict:
     torch.set_num_threads(1)
     emb = Embeddings(directory)
     ds = PairDataset(emb, list(range(len(emb))), "clip_denoising")
-    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                        generator=torch.Generator().manual_seed(0))
     t0, n = time.perf_counter(), 0
     for b in loader:
         n += b["target"].shape[0]
@@ -113,7 +114,8 @@ def main():
         t0 = time.time()
         convert(seed, store, progress=True)
         print(f"converted in {time.time() - t0:.0f} s")
-    print(f"seed shards: {dir_gib(seed, '*.pkl'):.2f} GiB in {args.shards} shards; store: {dir_gib(store, '*.safetensors'):.2f} GiB (bf16)")
+    print(f"seed shards: {dir_gib(seed, '*.pkl'):.2f} GiB in {args.shards} shards; "
+          f"store: {dir_gib(store, '*.safetensors'):.2f} GiB (bf16)")
     rows = []
     for name, mode, target, workers in (
         ("seed .pkl, our safe reader", "ours", seed, 0),
@@ -122,8 +124,8 @@ def main():
         ("seed .pkl via pickle.load (research code)", "pickle", seed, 0),
     ):
         subprocess.run(["sync"])
-        r = subprocess.run([sys.executable, __file__, "--mode", mode, "--target", str(target), "--workers", str(workers),
-                            "--batch", str(args.batch)], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, __file__, "--mode", mode, "--target", str(target),
+                            "--workers", str(workers), "--batch", str(args.batch)], capture_output=True, text=True)
         if r.returncode != 0:
             rows.append((name, None, r.stderr.strip().splitlines()[-1] if r.stderr else f"exit {r.returncode}"))
             continue

@@ -111,7 +111,8 @@ def main():
     print(f"evaluate {args.samples} samples, tiny preset, N = {args.tokens}, {args.target_dim} <- {args.cond_dim}, "
           f"{args.steps} steps, K up to {args.k}, levels {args.levels}, {args.threads} threads")
     print(f"  earlier (K sequential passes, fp32): {a['seconds']:.1f} s")
-    print(f"  today (K batched, {b['precision']}):            {b['seconds']:.1f} s   speed-up {a['seconds'] / b['seconds']:.2f}x")
+    print(f"  today (K batched, {b['precision']}):            {b['seconds']:.1f} s   "
+          f"speed-up {a['seconds'] / b['seconds']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -41,9 +41,12 @@ def main():
     for i in range(args.images):
         Image.fromarray((rng.random((256, 256, 3)) * 255).astype("uint8")).save(imgs / f"{i:06d}.jpg", quality=90)
     configs = {
-        "tiny": [dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
-                 dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)],
-        "vit-b16": [dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16)] * 2,
+        "tiny": [dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=32, patch_size=8),
+                 dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=32, patch_size=8)],
+        "vit-b16": [dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         image_size=224, patch_size=16)] * 2,
     }
     print(f"{args.images} JPEG images 256x256, batch {args.batch_size}, {args.workers} decode workers, fp32 on the CPU")
     print(f"{'encoders':<10}{'images/s':>10}{'seconds':>10}")

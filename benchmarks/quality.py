@@ -39,7 +39,8 @@ def main():
     from blip3o_denoise.train import TrainConfig, train
 
     root = Path(args.out or tempfile.mkdtemp(prefix="quality_"))
-    spec = SyntheticSpec(num_samples=args.samples, eva_dim=args.eva_dim, clip_dim=args.clip_dim, tokens=args.tokens, num_shards=2)
+    spec = SyntheticSpec(num_samples=args.samples, eva_dim=args.eva_dim, clip_dim=args.clip_dim, tokens=args.tokens,
+                         num_shards=2)
     make_synthetic(root / "data", spec)
     cfg = TrainConfig(
         task_mode="clip_denoising", chunked_embeddings_dir=str(root / "data"), output_dir=str(root / "run"),
@@ -52,13 +53,15 @@ def main():
     res = train(cfg)
     elapsed = time.time() - started
     g = res["generation"]
-    print(f"\n{args.samples} samples, N={args.tokens}, EVA {args.eva_dim} -> CLIP {args.clip_dim}, hidden {args.hidden} x {args.depth} blocks, "
-          f"{args.steps} steps, {elapsed:.0f} s (training + evaluation); best possible point cosine {spec.best_point_cosine:.3f}")
+    print(f"\n{args.samples} samples, N={args.tokens}, EVA {args.eva_dim} -> CLIP {args.clip_dim}, "
+          f"hidden {args.hidden} x {args.depth} blocks, {args.steps} steps, {elapsed:.0f} s (training + evaluation); "
+          f"best possible point cosine {spec.best_point_cosine:.3f}")
     print(f"{'held-out generation':<34}{'cosine':>8}{'Frechet':>10}{'recall':>8}")
     rows = [("model, single sample", g["model"]["cosine_mean"], g.get("distribution")),
             ("model, mean of 4", g["mean_of_k"]["4"], None),
             ("model, point estimate", g["point_estimate"]["cosine_mean"], None),
-            ("ridge regression (fitted)", g["baselines"]["ridge"]["cosine_mean"], g["baselines"]["ridge"].get("distribution")),
+            ("ridge regression (fitted)", g["baselines"]["ridge"]["cosine_mean"],
+             g["baselines"]["ridge"].get("distribution")),
             ("per-position mean", g["baselines"]["per_position_mean"]["cosine_mean"], None),
             ("mean direction", g["baselines"]["mean_direction"]["cosine_mean"], None)]
     for name, cos, dist in rows:

@@ -28,7 +28,8 @@ from pathlib import Path
 # Each recipe: TrainConfig fields over BASE. "default" is TrainConfig's own defaults (plus the
 # benchmark's data, budget and noise range up to 1 for generation).
 BASE = dict(task_mode="clip_denoising", min_noise_level=0.0, max_noise_level=1.0, batch_size=16,
-            precision="bf16", num_inference_steps=10, eval_every_n_steps=0, save_every_n_steps=0, progress=False, log_every_n_steps=50)
+            precision="bf16", num_inference_steps=10, eval_every_n_steps=0, save_every_n_steps=0, progress=False,
+            log_every_n_steps=50)
 TINY = dict(model_size="tiny")
 MINI = dict(model_size="mini")  # hidden 256, 4 blocks, 4 heads, 2 kv heads
 # "default": TrainConfig's own defaults (learning rate, warmup, noise law and shift, prediction type,
@@ -142,7 +143,8 @@ def main():
     rows = []
     for name in names:  # one fresh process per recipe
         cmd = [sys.executable, __file__, str(data), "--one", name, "--steps", str(args.steps),
-               "--eval_steps", str(args.eval_steps), "--sample_eval", str(args.sample_eval), "--workdir", str(work)] + (["--reuse"] if args.reuse else [])
+               "--eval_steps", str(args.eval_steps), "--sample_eval", str(args.sample_eval),
+               "--workdir", str(work)] + (["--reuse"] if args.reuse else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
         if proc.returncode != 0 or not found:

@@ -167,7 +167,8 @@ def main():
         return
     base = dict(precision=args.precision, device=args.device, tokens=args.tokens, input_dim=args.input_dim,
                 cond_dim=args.cond_dim, threads=args.threads)
-    print(f"# device {args.device}, precision {args.precision}, N={args.tokens}, D_in={args.input_dim}, D_cond={args.cond_dim}")
+    print(f"# device {args.device}, precision {args.precision}, N={args.tokens}, D_in={args.input_dim}, "
+          f"D_cond={args.cond_dim}")
     if args.suite == "compare":
         # Rounds interleave the models, so a slow spell of this shared machine hits all of them;
         # each number is the median over rounds of a per-process median.
@@ -202,7 +203,8 @@ def main():
             print(f"{label:<30}{t['params_m']:>7.1f}M{t['step_s']:>14.3f}{ref_t['step_s'] / t['step_s']:>7.2f}"
                   f"{t['gflop_per_s']:>9.1f}{g['generate_s']:>12.3f}{ref_g['generate_s'] / g['generate_s']:>7.2f}")
     elif args.suite == "presets":
-        print(f"\n{'preset':<8}{'batch':>6}{'params':>9}{'step s':>9}{'samples/s':>11}{'tokens/s':>10}{'GFLOP/s':>9}{'peak GiB':>10}")
+        print(f"\n{'preset':<8}{'batch':>6}{'params':>9}{'step s':>9}{'samples/s':>11}{'tokens/s':>10}"
+              f"{'GFLOP/s':>9}{'peak GiB':>10}")
         for preset in args.presets.split(","):
             for bs in (int(x) for x in args.batch_sizes.split(",")):
                 r = spawn(dict(base, preset=preset, model="ours", what="train", batch=bs, repeats=5))

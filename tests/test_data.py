@@ -89,7 +89,8 @@ def test_truncated_file_is_named(tmp_path):
     "mutate,match",
     [
         (lambda d: d.update(clip_blip3o_embeddings=torch.randn(4, 16)), "clip_blip3o_embeddings.*shape"),
-        (lambda d: d.update(eva_blip3o_embeddings=torch.randn(5, 16, 16)), "has 4 samples but 'eva_blip3o_embeddings' has 5"),
+        (lambda d: d.update(eva_blip3o_embeddings=torch.randn(5, 16, 16)),
+         "has 4 samples but 'eva_blip3o_embeddings' has 5"),
         (lambda d: d.pop("eva_blip3o_embeddings"), "missing field 'eva_blip3o_embeddings'"),
         (lambda d: d.update(keys=["a"]), "field 'keys'"),
         (lambda d: d.update(clip_blip3o_embeddings=torch.zeros(4, 16, 8, dtype=torch.int32)), "float tensor"),
@@ -108,7 +109,8 @@ def test_wrong_fields_are_named(tmp_path, mutate, match):
 def test_nan_values_are_found_with_sample_and_field(tmp_path):
     obj = good_dict()
     obj["eva_blip3o_embeddings"][2, 3, 1] = float("nan")
-    path = write_seed_shard(tmp_path, 0, obj["clip_blip3o_embeddings"], obj["eva_blip3o_embeddings"], obj["keys"], obj["captions"], False)
+    path = write_seed_shard(tmp_path, 0, obj["clip_blip3o_embeddings"], obj["eva_blip3o_embeddings"], obj["keys"],
+                            obj["captions"], False)
     with pytest.raises(ShardFormatError, match="eva_blip3o_embeddings.*sample 2"):
         check_finite(open_seed_shard(path))
     with pytest.raises(ShardFormatError, match="non-finite"):
@@ -125,8 +127,10 @@ def test_empty_directory(tmp_path):
 def test_mismatched_shapes_across_shards(tmp_path):
     a, b = good_dict(), good_dict()
     b["clip_blip3o_embeddings"] = torch.randn(4, 16, 12)
-    write_seed_shard(tmp_path, 0, a["clip_blip3o_embeddings"], a["eva_blip3o_embeddings"], a["keys"], a["captions"], False)
-    write_seed_shard(tmp_path, 1, b["clip_blip3o_embeddings"], b["eva_blip3o_embeddings"], ["x" + k for k in b["keys"]], b["captions"], False)
+    write_seed_shard(tmp_path, 0, a["clip_blip3o_embeddings"], a["eva_blip3o_embeddings"], a["keys"], a["captions"],
+                     False)
+    write_seed_shard(tmp_path, 1, b["clip_blip3o_embeddings"], b["eva_blip3o_embeddings"], ["x" + k for k in b["keys"]],
+                     b["captions"], False)
     with pytest.raises(ShardFormatError, match="differ"):
         Embeddings(tmp_path)
 

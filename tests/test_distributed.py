@@ -52,9 +52,10 @@ def two_sets(tmp_path):
 def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, two_sets):
     data, held = two_sets
     # a constant learning rate, so that a 3-step run resumed to 6 steps follows the 6-step run
-    common = ["--chunked_embeddings_dir", str(data), "--model_size", "micro", "--warmup_steps", "0", "--min_lr_ratio", "1",
-              "--holdout_fraction", "0", "--eval_dir", str(held), "--eval_samples", "4", "--num_inference_steps", "2",
-              "--no_progress", "--log_every_n_steps", "1", "--device", "cpu", "--save_every_n_steps", "3"]
+    common = ["--chunked_embeddings_dir", str(data), "--model_size", "micro", "--warmup_steps", "0",
+              "--min_lr_ratio", "1", "--holdout_fraction", "0", "--eval_dir", str(held), "--eval_samples", "4",
+              "--num_inference_steps", "2", "--no_progress", "--log_every_n_steps", "1", "--device", "cpu",
+              "--save_every_n_steps", "3"]
     run(common + ["--output_dir", str(tmp_path / "one"), "--batch_size", "8", "--max_steps", "6"])
     # an FSDP run stopped at step 3 and resumed to step 6
     run(common + ["--output_dir", str(tmp_path / "fsdp"), "--batch_size", "4", "--max_steps", "6", "--fsdp",
@@ -69,9 +70,11 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, two_sets):
     # an FSDP run of 3 steps, resumed from its checkpoint to 6 steps: the same end point
     part = tmp_path / "part"
     run(common + ["--output_dir", str(part), "--batch_size", "4", "--max_steps", "3", "--fsdp"], nproc=2)
-    r = run(common + ["--output_dir", str(part), "--batch_size", "4", "--max_steps", "6", "--fsdp", "--resume"], nproc=2)
+    r = run(common + ["--output_dir", str(part), "--batch_size", "4", "--max_steps", "6", "--fsdp", "--resume"],
+            nproc=2)
     assert "resumed from" in r.stdout
-    assert [json.loads(l)["step"] for l in (part / "metrics.jsonl").read_text().splitlines() if '"loss"' in l] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(l)["step"] for l in (part / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in l] == [1, 2, 3, 4, 5, 6]
     wc = load_file(str(part / "final" / "model.safetensors"))
     for k in wb:
         assert torch.allclose(wb[k], wc[k], atol=1e-6), k
@@ -85,10 +88,11 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     make_synthetic(data, SyntheticSpec(num_samples=36, eva_dim=32, clip_dim=16, tokens=16))
     make_synthetic(held, SyntheticSpec(num_samples=4, eva_dim=32, clip_dim=16, tokens=16, seed=1))
     common = ["--chunked_embeddings_dir", str(data), "--model_size", "micro", "--max_steps", "6", "--warmup_steps", "2",
-              "--holdout_fraction", "0", "--eval_dir", str(held), "--eval_samples", "4", "--num_inference_steps", "2", "--no_progress",
-              "--log_every_n_steps", "1", "--cond_dropout", "0.2", "--device", "cpu"]
+              "--holdout_fraction", "0", "--eval_dir", str(held), "--eval_samples", "4", "--num_inference_steps", "2",
+              "--no_progress", "--log_every_n_steps", "1", "--cond_dropout", "0.2", "--device", "cpu"]
     run(common + ["--output_dir", str(tmp_path / "one"), "--batch_size", "4", "--gradient_accumulation_steps", "2"])
-    run(common + ["--output_dir", str(tmp_path / "two"), "--batch_size", "2", "--gradient_accumulation_steps", "2"], nproc=2)
+    run(common + ["--output_dir", str(tmp_path / "two"), "--batch_size", "2", "--gradient_accumulation_steps", "2"],
+        nproc=2)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):

@@ -47,7 +47,8 @@ def test_exact_sampler_has_dispersion_ratio_near_one_and_collapsed_sampler_above
 def test_ridge_matches_numpy_least_squares():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 12, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(12, 5, generator=g, dtype=torch.float64) + 0.3 + 0.1 * torch.randn(200, 5, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(12, 5, generator=g, dtype=torch.float64) + 0.3
+         + 0.1 * torch.randn(200, 5, generator=g, dtype=torch.float64))
     stats = RidgeStats(12, 5)
     for i in range(0, 200, 37):  # streamed in uneven chunks
         stats.update(x[i:i + 37], y[i:i + 37])

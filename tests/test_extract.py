@@ -24,7 +24,8 @@ def tiny_encoder(path, hidden, image_size=32, patch=8, seed=0):
     cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                            image_size=image_size, patch_size=patch)
     CLIPVisionModel(cfg).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
     return str(path)
 
 
@@ -75,7 +76,8 @@ def test_folder_to_store_with_corrupt_image_and_exact_features(folder, tmp_path,
     # the stored tokens are the encoder's last hidden state without CLS, for the same image
     i = emb.keys.index("img0")
     model = CLIPVisionModel.from_pretrained(encoders[0]).eval()
-    pix = CLIPImageProcessor.from_pretrained(encoders[0])(images=Image.open(folder / "img0.png").convert("RGB"), return_tensors="pt")["pixel_values"]
+    pix = CLIPImageProcessor.from_pretrained(encoders[0])(images=Image.open(folder / "img0.png").convert("RGB"),
+                                                          return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         ref = model(pixel_values=pix).last_hidden_state[0, 1:]
     assert torch.allclose(emb.read(i, "clip").float(), ref, atol=3e-2 * ref.abs().max())

@@ -33,7 +33,8 @@ def args(data, out, steps):
 
 
 def final_weights(out):
-    return load_file(str(checkpoint_dirs(out)[-1] / "model.safetensors")), load_file(str(checkpoint_dirs(out)[-1] / "ema.safetensors"))
+    return (load_file(str(checkpoint_dirs(out)[-1] / "model.safetensors")),
+            load_file(str(checkpoint_dirs(out)[-1] / "ema.safetensors")))
 
 
 def assert_same(a, b):
@@ -73,7 +74,8 @@ def test_sigkill_during_checkpoint_write(data, tmp_path, reference):
         "from blip3o_denoise.cli import main\n"
         f"sys.exit(main({args(data, out, 60)!r}))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == -signal.SIGKILL
     assert [c.name for c in checkpoint_dirs(out)] == ["step_00000005", "step_00000010"]
     assert list((out / "checkpoints").glob(".tmp_step_*"))  # the half-written one, never renamed in

@@ -107,7 +107,8 @@ def test_flags_change_what_is_built(data, tmp_path):
     r = build(tiny(data, tmp_path, max_steps=0, num_epochs=3, batch_size=4))
     assert r.total_steps == 3 * r.steps_per_epoch and r.steps_per_epoch == -(-len(r.train_set) // 4)
     g = base.optimizer.param_groups
-    assert g[0]["weight_decay"] == 0.01 and build(tiny(data, tmp_path, weight_decay=0.3)).optimizer.param_groups[0]["weight_decay"] == 0.3
+    assert (g[0]["weight_decay"] == 0.01
+            and build(tiny(data, tmp_path, weight_decay=0.3)).optimizer.param_groups[0]["weight_decay"] == 0.3)
     assert build(tiny(data, tmp_path, learning_rate=0.5)).optimizer.param_groups[0]["initial_lr"] == 0.5
     # the default (0) is resolved from the width, and the run records the number it used
     run = build(tiny(data, tmp_path))
@@ -176,7 +177,8 @@ def test_resume_is_exact(data, tmp_path, monkeypatch):
     with pytest.raises(Crash):
         train(tiny(data, part, max_steps=8, save_every_n_steps=4, cond_dropout=0.3, gradient_accumulation_steps=2))
     monkeypatch.setattr(T, "save_checkpoint", real_save)
-    train(tiny(data, part, max_steps=8, save_every_n_steps=4, cond_dropout=0.3, gradient_accumulation_steps=2, resume=True))
+    train(tiny(data, part, max_steps=8, save_every_n_steps=4, cond_dropout=0.3, gradient_accumulation_steps=2,
+               resume=True))
     steps = [r["step"] for r in read_metrics(part) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
     for name in ("model.safetensors", "ema.safetensors"):
@@ -227,7 +229,8 @@ def test_cli_end_to_end_train_evaluate_generate(data, tmp_path):
     g = res["generation"]
     assert set(g["mean_of_k"]) == {"1", "2", "4", "8"} and "dispersion_ratio" in g and "diversity" in g
     assert {"mean_direction", "per_position_mean", "ridge"} <= set(g["baselines"])
-    assert {"frechet_distance", "precision", "recall"} <= set(g["distribution"]) and "distribution" in g["baselines"]["ridge"]
+    assert ({"frechet_distance", "precision", "recall"} <= set(g["distribution"])
+            and "distribution" in g["baselines"]["ridge"])
     sweep_path = tmp_path / "sweep.json"
     assert main(["sweep", "--checkpoint", str(out), "--chunked_embeddings_dir", str(data), "--output", str(sweep_path),
                  "--steps", "1,3", "--k", "2", "--num_samples", "4", "--precision", "bf16"]) == 0
@@ -279,7 +282,8 @@ def first_losses(out):
 ])
 def test_each_training_flag_changes_the_run(data, tmp_path, flag):
     base = tmp_path / "base"
-    train(tiny(data, base, max_steps=3, **({"sphere_constraint_weight": 0.0, "prediction_type": "target"} if "sphere_constraint_weight" in flag else {})))
+    train(tiny(data, base, max_steps=3, **({"sphere_constraint_weight": 0.0, "prediction_type": "target"}
+                                           if "sphere_constraint_weight" in flag else {})))
     changed = tmp_path / "changed"
     train(tiny(data, changed, max_steps=3, **flag))
     assert first_losses(base) != first_losses(changed)
@@ -312,13 +316,15 @@ def test_seed_readme_commands_run_verbatim(tmp_path):
     make_synthetic(d, SyntheticSpec(num_samples=32, eva_dim=16, clip_dim=8, tokens=16))
     small = tmp_path / "small"  # the Quick Start trains the base preset: 10 epochs of one step each here
     make_synthetic(small, SyntheticSpec(num_samples=9, eva_dim=16, clip_dim=8, tokens=16))
-    quick = ["--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(small), "--output_dir", str(tmp_path / "checkpoints_clip"),
+    quick = ["--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(small),
+             "--output_dir", str(tmp_path / "checkpoints_clip"),
              "--model_size", "base", "--batch_size", "8", "--num_epochs", "10", "--learning_rate", "1e-4"]
     # the seed's commands plus only what keeps CI fast here: fewer sampling steps, no progress bar
     fast = ["--num_inference_steps", "2", "--eval_samples", "2", "--holdout_fraction", "0.1", "--no_progress"]
     assert main(["train", *quick, *fast]) == 0
     assert (tmp_path / "checkpoints_clip" / "final" / "model.safetensors").exists()
-    overfit = ["--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(d), "--output_dir", str(tmp_path / "test_overfit"),
+    overfit = ["--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(d),
+               "--output_dir", str(tmp_path / "test_overfit"),
                "--overfit_test_size", "20", "--batch_size", "4", "--num_epochs", "50", "--max_shards", "1"]
     # flags that differ from the seed's overfit command: --model_size micro (the seed's default is base,
     # minutes here) and the fast flags above; learning rate, warmup and noise range are the defaults
@@ -420,7 +426,8 @@ def test_nonfinite_loss_in_any_micro_batch_skips_the_whole_step(data, tmp_path, 
         assert torch.equal(seen[0][k], seen[3][k]), k  # the skipped step changed no weight
     assert any(not torch.equal(seen[0][k], seen[5][k]) for k in seen[0])  # the next step did
     assert res["skipped_nonfinite"] == 1
-    assert [(r["step"], r["skipped_nonfinite"]) for r in read_metrics(tmp_path / "o") if "loss" in r] == [(1, 1), (2, 1)]
+    assert [(r["step"], r["skipped_nonfinite"])
+            for r in read_metrics(tmp_path / "o") if "loss" in r] == [(1, 1), (2, 1)]
     assert not any(torch.isnan(v).any() for v in runs[0].model.state_dict().values())
 
 
@@ -447,7 +454,8 @@ def test_config_file_values_are_typed(tmp_path):
     # PyYAML reads 1e-4 (no dot) as a string; it is a number here
     yml.write_text("learning_rate: 1e-4\nmin_lr_ratio: 5e-2\nbatch_size: 4.0\nwarmup_steps: '7'\nresume: true\n")
     cfg = train_config_from_args(build_parser().parse_args(["train", "--config", str(yml)]))
-    assert (cfg.learning_rate, cfg.min_lr_ratio, cfg.batch_size, cfg.warmup_steps, cfg.resume) == (1e-4, 0.05, 4, 7, True)
+    assert ((cfg.learning_rate, cfg.min_lr_ratio, cfg.batch_size, cfg.warmup_steps, cfg.resume)
+            == (1e-4, 0.05, 4, 7, True))
     assert type(cfg.learning_rate) is float and type(cfg.batch_size) is int and type(cfg.warmup_steps) is int
 
 
@@ -475,14 +483,15 @@ def test_config_file_type_errors_name_the_key_and_file(tmp_path, capsys, suffix,
 @pytest.mark.parametrize("flag,value", [
     ("--eval_samples", "0"), ("--eval_samples", "-3"), ("--max_steps", "-5"), ("--ema_decay", "1.0"),
     ("--ema_decay", "-0.1"), ("--max_grad_norm", "-1"), ("--warmup_steps", "-1"), ("--keep_checkpoints", "-1"),
-    ("--holdout_fraction", "1.0"), ("--holdout_fraction", "-0.1"), ("--cond_dropout", "1.0"), ("--cond_dropout", "-0.5"),
+    ("--holdout_fraction", "1.0"), ("--holdout_fraction", "-0.1"),
+    ("--cond_dropout", "1.0"), ("--cond_dropout", "-0.5"),
     ("--num_workers", "-1"), ("--eval_every_n_steps", "-1"), ("--save_every_n_steps", "-1"),
     ("--log_every_n_steps", "-1"), ("--log_every_n_steps", "0"), ("--learning_rate", "nan"), ("--weight_decay", "-0.1"),
     ("--min_lr_ratio", "1.5"), ("--max_bad_steps", "0"),
 ])
 def test_out_of_range_values_are_refused_at_start(tmp_path, capsys, flag, value):
-    rc = main(["train", f"{flag}={value}", "--chunked_embeddings_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
-               "--model_size", "micro", "--no_progress"])
+    rc = main(["train", f"{flag}={value}", "--chunked_embeddings_dir", str(tmp_path),
+               "--output_dir", str(tmp_path / "o"), "--model_size", "micro", "--no_progress"])
     out, err = capsys.readouterr()
     assert rc != 0 and flag in err and "Traceback" not in out + err
     assert not (tmp_path / "o").exists()  # refused before anything was written

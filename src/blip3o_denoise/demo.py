@@ -95,7 +95,8 @@ def run_demo(output_dir: str = "demo_output", quick: bool = False, steps: int = 
         shutil.rmtree(data, ignore_errors=True)
         make_synthetic(data, spec)
     print(f"demo data: {n} synthetic samples, N={spec.tokens}, EVA width {spec.eva_dim}, CLIP width {spec.clip_dim} "
-          f"(best achievable point cosine {spec.best_point_cosine:.3f}, faithful sample ~{spec.best_point_cosine ** 2:.3f}) in {data}")
+          f"(best achievable point cosine {spec.best_point_cosine:.3f}, "
+          f"faithful sample ~{spec.best_point_cosine ** 2:.3f}) in {data}")
     steps = QUICK_STEPS if quick else steps
     started = time.time()
     result = train(_config(out, data, steps, **(QUICK_TRAIN if quick else {})))
@@ -106,10 +107,14 @@ def run_demo(output_dir: str = "demo_output", quick: bool = False, steps: int = 
     gen = result["generation"]
     base = gen["baselines"]
     checks = {
-        "generation: single sample beats the mean direction": gen["model"]["cosine_mean"] > base["mean_direction"]["cosine_mean"] + 0.1,
-        "generation: point estimate beats ridge regression": gen["point_estimate"]["cosine_mean"] > base["ridge"]["cosine_mean"],
-        "generation: samples closer in distribution than ridge (Frechet)": gen["distribution"]["frechet_distance"] < base["ridge"]["distribution"]["frechet_distance"],
-        "denoising: point estimate beats the noisy input at every level": all(d["beats_identity"] for d in result["denoising"].values()),
+        "generation: single sample beats the mean direction":
+            gen["model"]["cosine_mean"] > base["mean_direction"]["cosine_mean"] + 0.1,
+        "generation: point estimate beats ridge regression":
+            gen["point_estimate"]["cosine_mean"] > base["ridge"]["cosine_mean"],
+        "generation: samples closer in distribution than ridge (Frechet)":
+            gen["distribution"]["frechet_distance"] < base["ridge"]["distribution"]["frechet_distance"],
+        "denoising: point estimate beats the noisy input at every level":
+            all(d["beats_identity"] for d in result["denoising"].values()),
     }
     for name, ok in checks.items():
         print(f"  [{'x' if ok else ' '}] {name}")

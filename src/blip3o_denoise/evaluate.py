@@ -339,10 +339,12 @@ def format_results(result: dict) -> str:
                      f"sampler: {g['verdict']['sampler']}")
         if "distribution" in g:
             d = g["distribution"]
-            lines.append(f"  {'distribution (model)':<34} FD {d['frechet_distance']:.4f}  precision {d['precision']:.3f}  recall {d['recall']:.3f}")
+            lines.append(f"  {'distribution (model)':<34} FD {d['frechet_distance']:.4f}  "
+                         f"precision {d['precision']:.3f}  recall {d['recall']:.3f}")
             rd = g["baselines"].get("ridge", {}).get("distribution")
             if rd:
-                lines.append(f"  {'distribution (ridge)':<34} FD {rd['frechet_distance']:.4f}  precision {rd['precision']:.3f}  recall {rd['recall']:.3f}")
+                lines.append(f"  {'distribution (ridge)':<34} FD {rd['frechet_distance']:.4f}  "
+                             f"precision {rd['precision']:.3f}  recall {rd['recall']:.3f}")
     else:
         lines.append(f"generation: {result.get('generation_skipped', 'not run')}")
     if result.get("denoising"):
@@ -352,7 +354,8 @@ def format_results(result: dict) -> str:
             if "copy_condition" in d["baselines"]:  # eva_denoising: the condition is the clean target
                 verdict += (f"; copying the condition scores {d['baselines']['copy_condition']['cosine_mean']:.4f} "
                             "(the condition is the clean target)")
-            lines.append(f"{'  from s=' + s:<22}{d['model']['cosine_mean']:>10.4f}{d['point_estimate']['cosine_mean']:>12.4f}"
+            lines.append(f"{'  from s=' + s:<22}{d['model']['cosine_mean']:>10.4f}"
+                         f"{d['point_estimate']['cosine_mean']:>12.4f}"
                          f"{d['baselines']['identity']['cosine_mean']:>10.4f}  {verdict}")
     return "\n".join(lines)
 

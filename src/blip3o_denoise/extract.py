@@ -85,7 +85,8 @@ def list_items(src: str | Path) -> list[Item]:
                 cap = f.with_suffix(".txt")
                 items.append(Item(str(f.relative_to(p).with_suffix("")), str(f), str(cap) if cap.exists() else None))
     if not items:
-        raise FileNotFoundError(f"--images {p}: no images ({', '.join(IMAGE_EXTENSIONS)}) or WebDataset .tar shards found")
+        raise FileNotFoundError(f"--images {p}: no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                                "or WebDataset .tar shards found")
     keys = [it.key for it in items]
     if len(set(keys)) != len(keys):
         raise ValueError(f"--images {p}: image keys are not unique (same name with two extensions?)")
@@ -171,7 +172,8 @@ def load_encoder(name: str, trust_remote_code: bool, device, dtype) -> Encoder:
     model = model.to(device=device, dtype=dtype).eval()
     info = {"name": name, "model_type": config.model_type,
             "processor": {k: v for k, v in processor.to_dict().items()
-                          if k in ("crop_size", "size", "image_mean", "image_std", "resample", "do_center_crop", "rescale_factor")}}
+                          if k in ("crop_size", "size", "image_mean", "image_std", "resample", "do_center_crop",
+                                   "rescale_factor")}}
     return Encoder(name, model, processor, info)
 
 
@@ -220,7 +222,8 @@ def extract(cfg: ExtractConfig) -> dict:
         raise ValueError(f"--format: expected store or seed, got {cfg.format!r}")
     if cfg.training_mode not in ("patch_only", "cls_patch"):
         raise ValueError(f"--training_mode: expected patch_only or cls_patch, got {cfg.training_mode!r}")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if cfg.device == "auto" else cfg.device)
     precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     items = list_items(cfg.images)
@@ -254,8 +257,10 @@ def extract(cfg: ExtractConfig) -> dict:
                 bar.update(len(batch))
             if not good:
                 continue
-            tok_t = select(encode(target, torch.stack([x["pixels"][0] for x in good]), cfg.layer), target.name, cfg.training_mode)
-            tok_c = select(encode(cond, torch.stack([x["pixels"][1] for x in good]), cfg.layer), cond.name, cfg.training_mode)
+            tok_t = select(encode(target, torch.stack([x["pixels"][0] for x in good]), cfg.layer), target.name,
+                           cfg.training_mode)
+            tok_c = select(encode(cond, torch.stack([x["pixels"][1] for x in good]), cfg.layer), cond.name,
+                           cfg.training_mode)
             if not shapes:
                 shapes = {"target": tuple(tok_t.shape[1:]), "condition": tuple(tok_c.shape[1:])}
                 if tok_t.shape[1] != tok_c.shape[1]:
@@ -265,7 +270,8 @@ def extract(cfg: ExtractConfig) -> dict:
                     )
             for name, tok in (("target", tok_t), ("condition", tok_c)):
                 if tuple(tok.shape[1:]) != shapes[name]:
-                    raise ValueError(f"{name} encoder returned tokens {list(tok.shape[1:])}, the first batch gave {list(shapes[name])}")
+                    raise ValueError(f"{name} encoder returned tokens {list(tok.shape[1:])}, "
+                                     f"the first batch gave {list(shapes[name])}")
             clips.append(tok_t.cpu())
             evas.append(tok_c.cpu())
             keys += [items[a + x["index"]].key for x in good]
@@ -278,15 +284,18 @@ def extract(cfg: ExtractConfig) -> dict:
         if cfg.format == "store":
             shard = Shard(source, MemoryTensor(clip), MemoryTensor(eva), keys, caps)
             append_store_shard(out, shard_idx, shard, cfg.store_dtype, source,
-                               extra={"extraction": _extraction_info(cfg, target, cond, shapes, precision, len(items), skipped)})
+                               extra={"extraction": _extraction_info(cfg, target, cond, shapes, precision,
+                                                                     len(items), skipped)})
         else:
             path = write_seed_shard(out, shard_idx, clip, eva, keys, caps, cfg.training_mode == "cls_patch",
-                                    source_tar=source, config=_extraction_info(cfg, target, cond, shapes, precision, len(items), skipped))
+                                    source_tar=source,
+                                    config=_extraction_info(cfg, target, cond, shapes, precision, len(items), skipped))
             shard_entries = [s for s in shard_entries if s["source"] != source] + [
                 {"shard_idx": shard_idx, "path": path.name, "num_samples": len(keys), "source": source}]
             shard_entries.sort(key=lambda s: s["shard_idx"])
             write_seed_manifest(out, shard_entries, clip.shape[1], cfg.training_mode == "cls_patch",
-                                {"extraction": _extraction_info(cfg, target, cond, shapes, precision, len(items), skipped),
+                                {"extraction": _extraction_info(cfg, target, cond, shapes, precision, len(items),
+                                                                skipped),
                                  "clip_dim": clip.shape[2], "eva_dim": eva.shape[2]})
         skipped_path.write_text(json.dumps(skipped, indent=2))
     if bar is not None:

@@ -24,7 +24,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     ckpts = [c for c in ckpts if (c / "config.json").exists()]
     if ckpts:
         return ckpts[-1]
-    raise FileNotFoundError(f"{p}: no model found (expected config.json + model.safetensors, a final/ or a checkpoints/ folder)")
+    raise FileNotFoundError(f"{p}: no model found "
+                            "(expected config.json + model.safetensors, a final/ or a checkpoints/ folder)")
 
 
 class Denoiser:

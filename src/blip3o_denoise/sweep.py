@@ -144,7 +144,8 @@ def run_sweep(ns) -> dict:
               f"{r['point_estimate']:>8.4f}{r['frechet_distance']:>8.4f}{r['precision']:>7.3f}{r['recall']:>7.3f}"
               f"{r['seconds']:>7.1f}")
     for k, v in result["steps_within_10pct_of_best_fd"].items():
-        print(f"{k}: {v} steps reach the Frechet distance of {max(int(s) for s in ns.steps.split(','))} steps within 10%")
+        print(f"{k}: {v} steps reach the Frechet distance of {max(int(s) for s in ns.steps.split(','))} steps "
+              "within 10%")
     wrote = [str(out)]
     if can_plot:
         png = out.with_suffix(".png")

@@ -379,7 +379,8 @@ class SafeShardUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so op
             raise ShardFormatError(f"{self.path}: tensor of shape {size} does not fit its storage")
         itemsize = torch.empty((), dtype=storage.dtype).element_size()
         if storage.offset is None:
-            t = torch.frombuffer(bytearray(storage.data), dtype=storage.dtype) if storage.numel else torch.empty(0, dtype=storage.dtype)
+            t = (torch.frombuffer(bytearray(storage.data), dtype=storage.dtype) if storage.numel
+                 else torch.empty(0, dtype=storage.dtype))
             return MemoryTensor(t[storage_offset:storage_offset + numel].view(size))
         return FileTensor(self.path, storage.offset + storage_offset * itemsize, storage.dtype, size)
 

@@ -102,7 +102,8 @@ def validate_shard_dict(obj, path: str) -> Shard:
     captions = obj.get("captions") or [""] * n
     for name, lst in (("keys", keys), ("captions", captions)):
         if not isinstance(lst, list) or len(lst) != n:
-            raise ShardFormatError(f"{path}: field '{name}' should be a list of {n} strings, got {len(lst) if isinstance(lst, list) else type(lst).__name__}")
+            raise ShardFormatError(f"{path}: field '{name}' should be a list of {n} strings, "
+                                   f"got {len(lst) if isinstance(lst, list) else type(lst).__name__}")
     if "total_samples" in obj and obj["total_samples"] != n:
         raise ShardFormatError(f"{path}: field 'total_samples' says {obj['total_samples']} but tensors hold {n}")
     extra = {k: v for k, v in obj.items() if k not in (CLIP_KEY, EVA_KEY, "keys", "captions")}
@@ -253,7 +254,8 @@ def write_seed_shard(
     return path
 
 
-def write_seed_manifest(directory: str | os.PathLike, shards: list[dict], tokens: int, include_cls: bool, extra: dict | None = None) -> Path:
+def write_seed_manifest(directory: str | os.PathLike, shards: list[dict], tokens: int, include_cls: bool,
+                        extra: dict | None = None) -> Path:
     manifest = {
         "total_shards": len(shards),
         "total_samples": sum(s["num_samples"] for s in shards),

@@ -133,7 +133,8 @@ def _write_shard(src: Shard, dst: Path, dtype: torch.dtype, chunk: int, on_rows=
                     raise ShardFormatError(f"{src.path}: field '{field}' has non-finite values in sample {j}")
                 out = rows.to(dtype)
                 if not bool(torch.isfinite(out).all()):
-                    raise ShardFormatError(f"{src.path}: field '{field}' overflows {dtype} in samples {i}..; use --dtype bfloat16 or float32")
+                    raise ShardFormatError(f"{src.path}: field '{field}' overflows {dtype} in samples {i}..; "
+                                           "use --dtype bfloat16 or float32")
                 data = out.contiguous().view(torch.uint8).numpy().tobytes()
                 f.write(data)
                 digest.update(data)
@@ -156,11 +157,13 @@ def append_store_shard(dst: str | os.PathLike, index: int, shard: Shard, dtype: 
     dst.mkdir(parents=True, exist_ok=True)
     manifest = read_store_manifest(dst) or {
         "format": STORE_FORMAT, "version": STORE_VERSION, "dtype": dtype, "tokens": shard.tokens,
-        "clip_dim": shard.clip.shape[2], "eva_dim": shard.eva.shape[2], "include_cls": _has_cls(shard.tokens), "shards": [],
+        "clip_dim": shard.clip.shape[2], "eva_dim": shard.eva.shape[2], "include_cls": _has_cls(shard.tokens),
+        "shards": [],
         "eva_tokens": shard.eva_tokens,
     }
     if manifest["dtype"] != dtype:
-        raise ValueError(f"{dst / STORE_MANIFEST}: store has dtype {manifest['dtype']}, asked for {dtype}; use a new directory")
+        raise ValueError(f"{dst / STORE_MANIFEST}: store has dtype {manifest['dtype']}, asked for {dtype}; "
+                         "use a new directory")
     have = (manifest["tokens"], manifest.get("eva_tokens", manifest["tokens"]),
             manifest["clip_dim"], manifest["eva_dim"])
     if have != (shard.tokens, shard.eva_tokens, shard.clip.shape[2], shard.eva.shape[2]):
@@ -175,7 +178,8 @@ def append_store_shard(dst: str | os.PathLike, index: int, shard: Shard, dtype: 
     nbytes, sha = _write_shard(shard, st_path, DTYPES[dtype], chunk, on_rows)
     entry = {"file": st_path.name, "meta": meta_path.name, "source": source, "num_samples": shard.num_samples,
              "bytes": nbytes, "sha256": sha, **(source_stat or {})}
-    manifest["shards"] = sorted([e for e in manifest["shards"] if e["file"] != entry["file"]] + [entry], key=lambda e: e["file"])
+    manifest["shards"] = sorted([e for e in manifest["shards"] if e["file"] != entry["file"]] + [entry],
+                                key=lambda e: e["file"])
     manifest["total_samples"] = sum(e["num_samples"] for e in manifest["shards"])
     manifest.update(extra or {})
     atomic_write_json(dst / STORE_MANIFEST, manifest)
@@ -233,13 +237,15 @@ def convert(
         raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
     all_sources = list_seed_shards(src_dir)
     if not all_sources:
-        raise FileNotFoundError(f"{src_dir}: no seed shards found (expected embeddings_shard_XXXXX_patch_only.pkl files)")
+        raise FileNotFoundError(f"{src_dir}: no seed shards found "
+                                "(expected embeddings_shard_XXXXX_patch_only.pkl files)")
     sources = all_sources[:max_shards] if max_shards is not None else all_sources
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     manifest = read_store_manifest(dst)
     if manifest is not None and manifest["dtype"] != dtype:
-        raise ValueError(f"{dst / STORE_MANIFEST}: store has dtype {manifest['dtype']}, asked for {dtype}; use a new directory")
+        raise ValueError(f"{dst / STORE_MANIFEST}: store has dtype {manifest['dtype']}, asked for {dtype}; "
+                         "use a new directory")
     names = [p.name for p in all_sources]
     for e in (manifest or {}).get("shards", []):
         m = re.fullmatch(r"shard_(\d+)\.safetensors", e["file"])
@@ -298,7 +304,8 @@ def open_store_shard(directory: Path, entry: dict, manifest_path: Path, manifest
     if not st_path.exists():
         raise ShardFormatError(f"{manifest_path}: lists {entry['file']} but the file is missing")
     if st_path.stat().st_size != entry["bytes"]:
-        raise ShardFormatError(f"{st_path}: size {st_path.stat().st_size} differs from the manifest's {entry['bytes']} (truncated?)")
+        raise ShardFormatError(f"{st_path}: size {st_path.stat().st_size} differs from the manifest's "
+                               f"{entry['bytes']} (truncated?)")
     tensors, _ = read_safetensors_layout(str(st_path))
     for key in ("clip", "eva"):
         if key not in tensors:

@@ -111,7 +111,8 @@ def make_synthetic(out_dir: str | Path, spec: SyntheticSpec, progress: bool = Fa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = SyntheticWorld(spec)
-    sizes = [spec.num_samples // spec.num_shards + (i < spec.num_samples % spec.num_shards) for i in range(spec.num_shards)]
+    sizes = [spec.num_samples // spec.num_shards + (i < spec.num_samples % spec.num_shards)
+             for i in range(spec.num_shards)]
     shards, start = [], 0
     it = range(spec.num_shards)
     if progress:
@@ -123,7 +124,8 @@ def make_synthetic(out_dir: str | Path, spec: SyntheticSpec, progress: bool = Fa
         clip, eva, _ = world.sample(sizes[i], gen)
         keys = [f"synthetic-{spec.seed}-{start + j:08d}" for j in range(sizes[i])]
         captions = [f"synthetic sample {start + j}" for j in range(sizes[i])]
-        path = write_seed_shard(out, i, clip, eva, keys, captions, spec.include_cls, source_tar="synthetic", config=asdict(spec))
+        path = write_seed_shard(out, i, clip, eva, keys, captions, spec.include_cls, source_tar="synthetic",
+                                config=asdict(spec))
         shards.append({"shard_idx": i, "path": path.name, "num_samples": sizes[i]})
         start += sizes[i]
     extra = {
