@@ -95,10 +95,11 @@ def cmd_evaluate(ns) -> int:
     started = time.time()
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
     cfg = den.config
-    ds = load_eval_split(cfg, ns.chunked_embeddings_dir, ns.split, ns.holdout_fraction, ns.num_samples)
+    ds = load_eval_split(cfg, ns.chunked_embeddings_dir, ns.split, ns.holdout_fraction, ns.num_samples,
+                         **remote_options(ns))
     batch = ds.stack()  # the held-out samples are read once, for every metric
     refuse_nonfinite(batch, ds, ("condition", "target"))
-    train_set = training_split(cfg, ns.train_dir)
+    train_set = training_split(cfg, ns.train_dir, **remote_options(ns))
     in_training = keys_in_training(ds, train_set)
     if in_training and not ns.allow_train_samples:
         raise ValueError(
@@ -156,7 +157,7 @@ def cmd_generate(ns) -> int:
     from .pipeline import Denoiser
 
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
-    ds = load_eval_split(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.max_samples)
+    ds = load_eval_split(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.max_samples, **remote_options(ns))
     outs, keys = [], []
     for i in range(0, len(ds), ns.batch_size):
         batch = ds.stack(list(range(i, min(i + ns.batch_size, len(ds)))))
@@ -194,14 +195,59 @@ def cmd_extract(ns) -> int:
     return 0
 
 
+# convert's flags that only one --format reads (None: not given)
+CONVERT_ONLY = {"store": ("chunk",), "litdata": ("holdout_fraction", "chunk_samples", "endpoint_url")}
+
+
 def cmd_convert(ns) -> int:
+    for fmt, names in CONVERT_ONLY.items():
+        given = [f"--{n}" for n in names if getattr(ns, n) is not None]
+        if ns.format != fmt and given:
+            raise ValueError(f"{' and '.join(given)}: only for convert --format {fmt} (this is --format {ns.format})")
+    if ns.format == "litdata":
+        return _convert_litdata(ns)
+    from .data.remote import is_remote
     from .data.store import convert
 
-    m = convert(ns.src, ns.dst, dtype=ns.dtype, chunk=ns.chunk, max_shards=ns.max_shards or None,
-                progress=not ns.no_progress, ignore_manifest=ns.ignore_manifest)
+    if is_remote(ns.dst):
+        raise ValueError(f"{ns.dst}: the store is written to a local directory; --format litdata writes to s3://")
+    m = convert(ns.src, ns.dst, dtype=ns.dtype, chunk=16 if ns.chunk is None else ns.chunk,
+                max_shards=ns.max_shards or None, progress=not ns.no_progress, ignore_manifest=ns.ignore_manifest)
     print(f"{ns.dst}: {m['total_samples']} samples in {len(m['shards'])} shards ({m['dtype']}, N={m['tokens']}, "
           f"clip {m['clip_dim']}, eva {m['eva_dim']})")
     return 0
+
+
+def _convert_litdata(ns) -> int:
+    from .data.dataset import Embeddings
+    from .data.remote import storage_options, write_engine_dataset
+
+    # what the store path checks too: a seed directory whose manifest disagrees with its shards
+    Embeddings(ns.src, ns.max_shards or None, check_manifest=not ns.ignore_manifest)
+    holdout = 0.05 if ns.holdout_fraction is None else ns.holdout_fraction
+    chunk = 16 if ns.chunk_samples is None else ns.chunk_samples
+    m = write_engine_dataset(ns.src, ns.dst, holdout_fraction=holdout, dtype=ns.dtype, chunk_samples=chunk,
+                             storage_options=storage_options(ns.endpoint_url or ""), max_shards=ns.max_shards or None,
+                             progress=not ns.no_progress)
+    parts = m["parts"]
+    print(f"{ns.dst}: {m['total_samples']} samples in LitData chunks of {m['chunk_samples']} "
+          f"(train/ {parts['train']['samples']}, eval/ {parts['eval']['samples']} held out at holdout_fraction "
+          f"{m['holdout_fraction']}; {m['dtype']}, N={m['tokens']}, clip {m['clip_dim']}, eva {m['eva_dim']})")
+    return 0
+
+
+def remote_options(ns) -> dict:
+    """The cache and endpoint flags of evaluate / generate / sweep, as ``open_dataset`` takes them."""
+    return {"cache_dir": ns.cache_dir, "max_cache_size": ns.max_cache_size, "endpoint_url": ns.endpoint_url}
+
+
+def add_remote_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache_dir", default="",
+                   help="local directory for the chunks of a remote (s3://) dataset (default: $BLIP3O_CACHE_DIR or "
+                        "~/.cache/blip3o-denoise/remote)")
+    p.add_argument("--max_cache_size", default="50GB", help="cache size limit for a remote dataset, e.g. 50GB")
+    p.add_argument("--endpoint_url", default="",
+                   help="S3-compatible endpoint (MinIO, ...) of an s3:// dataset (default: $AWS_ENDPOINT_URL, or AWS)")
 
 
 def cmd_inspect(ns) -> int:
@@ -262,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="model calls in fp32 or under bf16 autocast (default: the training run's)")
     e.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    add_remote_arguments(e)
 
     w = sub.add_parser("sweep",
                        help="cosine (point estimate, single sample, mean of K) against sampling steps and guidance")
@@ -277,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--device", default="cpu")
     w.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: the training run's")
+    add_remote_arguments(w)
 
     g = sub.add_parser("generate", help="generate target embeddings for the conditions in a directory")
     g.add_argument("--checkpoint", required=True)
@@ -289,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    add_remote_arguments(g)
 
     x = sub.add_parser("extract", help="images -> paired patch embeddings of two encoders -> store or seed shards")
     x.add_argument("--images", required=True,
@@ -313,11 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max_images", type=int, default=0)
     x.add_argument("--no_progress", action="store_true")
 
-    c = sub.add_parser("convert", help="convert seed .pkl shards into a streaming store")
-    c.add_argument("src")
-    c.add_argument("dst")
+    c = sub.add_parser("convert", help="convert seed .pkl shards (or a store) into a store, or into LitData's format "
+                                       "for object storage")
+    c.add_argument("src", help="seed shards, or a store (--format litdata)")
+    c.add_argument("dst", help="a local directory; --format litdata: also s3://bucket/prefix")
+    c.add_argument("--format", choices=("store", "litdata"), default="store",
+                   help="store: our safetensors store (local); litdata: LitData chunks with train/ and eval/ parts, "
+                        "for streaming from object storage")
     c.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    c.add_argument("--chunk", type=int, default=16, help="samples held in memory at once")
+    c.add_argument("--chunk", type=int, default=None, help="store: samples held in memory at once (default 16)")
+    c.add_argument("--chunk_samples", type=int, default=None,
+                   help="litdata: samples per chunk, the unit of download and shuffle (default 16, about 42 MB at "
+                        "BLIP3-o widths in bf16)")
+    c.add_argument("--holdout_fraction", type=float, default=None,
+                   help="litdata: the held-out split written to eval/ (default 0.05, training's default; a run must "
+                        "use the same value)")
+    c.add_argument("--endpoint_url", default=None,
+                   help="litdata: S3-compatible endpoint of an s3:// destination (default: $AWS_ENDPOINT_URL, or AWS)")
     c.add_argument("--max_shards", type=int, default=0)
     c.add_argument("--no_progress", action="store_true")
     c.add_argument("--ignore_manifest", action="store_true",

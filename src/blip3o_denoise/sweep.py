@@ -115,9 +115,10 @@ def run_sweep(ns) -> dict:
     if any(g != 1.0 for g in guidance) and den.model.cfg.cond_dropout == 0:
         raise ValueError("guidance scales other than 1 need a model trained with --cond_dropout > 0")
     solvers = (ns.solver or den.solver).split(",")
-    ds = load_eval_split(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.num_samples)
+    remote = {"cache_dir": ns.cache_dir, "max_cache_size": ns.max_cache_size, "endpoint_url": ns.endpoint_url}
+    ds = load_eval_split(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.num_samples, **remote)
     batch = ds.stack()
-    train_set = training_split(den.config, "")
+    train_set = training_split(den.config, "", **remote)
     if train_set is not None:
         pca = fit_baselines(train_set, ridge=False).pca
     else:

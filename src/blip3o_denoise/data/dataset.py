@@ -202,10 +202,15 @@ class PairDataset(Dataset):
 
 
 def load_eval_split(run_config: dict, directory: str, split: str, holdout_fraction: float | None,
-                    max_samples: int) -> PairDataset:
+                    max_samples: int, cache_dir: str = "", max_cache_size: str = "50GB",
+                    endpoint_url: str = "") -> PairDataset:
     """The samples of ``directory`` a trained run is evaluated on: its held-out split (``split="heldout"``,
-    the run's holdout fraction unless given) or all of them; checked against the widths the run trained on."""
-    emb = Embeddings(directory)
+    the run's holdout fraction unless given) or all of them; checked against the widths the run trained on.
+
+    ``directory`` is seed shards, a store, or a converted dataset, local or ``s3://`` (read through
+    :func:`~blip3o_denoise.data.remote.open_dataset`, chunks cached in ``cache_dir``). The held-out
+    split is the same key-hash rule everywhere: a sample is held out or not wherever it is stored."""
+    emb = _open(directory, None, cache_dir, max_cache_size, endpoint_url)
     tr = run_config["train"]
     if split == "all":
         idx = list(range(len(emb)))
@@ -240,14 +245,37 @@ def refuse_nonfinite(batch: dict, ds, names: tuple[str, ...]) -> None:
             )
 
 
-def training_split(cfg: dict, train_dir: str) -> PairDataset | None:
-    """The training split of a run (for fitting baselines), or None when its data is not here."""
+def training_split(cfg: dict, train_dir: str, cache_dir: str = "", max_cache_size: str = "50GB",
+                   endpoint_url: str = "") -> PairDataset | None:
+    """The training split of a run (for fitting baselines), or None when its data is not here.
+
+    ``train_dir`` (default: the run's ``chunked_embeddings_dir``) may be a converted dataset, local
+    or ``s3://``. A run whose recorded data is remote and cannot be read from here gives None with
+    a note naming the URL and why; a ``train_dir`` given explicitly must be readable. The run's own
+    data is read through the run's ``endpoint_url`` unless one is given."""
+    from .remote import RemoteDataError, is_remote
+
     tdir = train_dir or cfg["train"]["chunked_embeddings_dir"]
-    if not tdir or not Path(tdir).is_dir():
+    if not tdir or not (is_remote(tdir) or Path(tdir).is_dir()):
         return None
-    temb = Embeddings(tdir, cfg["train"].get("max_shards") or None)
+    if not train_dir:
+        endpoint_url = endpoint_url or cfg["train"].get("endpoint_url") or ""
+    try:
+        temb = _open(tdir, cfg["train"].get("max_shards") or None, cache_dir, max_cache_size, endpoint_url)
+    except RemoteDataError as e:
+        if train_dir:
+            raise
+        print(f"note: the run's training data cannot be read from here ({' '.join(str(e).split())})")
+        return None
     tr_idx, _ = split_indices(temb.keys, cfg["train"]["holdout_fraction"])
     return PairDataset(temb, tr_idx, cfg["train"]["task_mode"], cfg["train"]["training_mode"])
+
+
+def _open(path: str, max_shards: int | None, cache_dir: str, max_cache_size: str, endpoint_url: str):
+    from .remote import open_dataset  # remote imports this module
+
+    return open_dataset(path, max_shards, cache_dir=cache_dir, max_cache_size=max_cache_size,
+                        endpoint_url=endpoint_url)
 
 
 def keys_in_training(ds: PairDataset, train_set: PairDataset | None) -> list[str] | None:
