@@ -161,6 +161,7 @@ _RESUME_FREE = {
     "resume", "progress", "output_dir", "eval_every_n_steps", "save_every_n_steps", "log_every_n_steps",
     "keep_checkpoints", "max_steps", "num_epochs", "num_workers", "report_to", "device", "compile", "eval_samples",
     "eval_dir", "debug_mode", "max_bad_steps", "num_inference_steps", "solver", "chunked_embeddings_dir",
+    "cache_dir", "max_cache_size", "endpoint_url",
 }
 # Options that define the model's parameters or what it predicts: a checkpoint with other values
 # cannot be resumed (its weights would not load, or would silently mean something else).
@@ -223,9 +224,11 @@ def newest_intact(out: Path, say) -> tuple[Path, tuple, list[str]] | None:
     return None
 
 
-def resume(out: Path, cfg: TrainConfig, run_config: dict, model, ema, optimizer, scheduler, say) -> Position:
-    """Load the newest intact checkpoint of ``out`` into the model, EMA, optimizer, scheduler and RNGs, and
-    return where the loop stands; a fresh :class:`Position` when there is none. ``say`` prints (rank 0)."""
+def resume(out: Path, cfg: TrainConfig, run_config: dict, model, ema, optimizer, scheduler, say,
+           stream=None) -> Position:
+    """Load the newest intact checkpoint of ``out`` into the model, EMA, optimizer, scheduler, RNGs and (for
+    a converted dataset) the streaming loader ``stream``, and return where the loop stands; a fresh
+    :class:`Position` when there is none. ``say`` prints (rank 0)."""
     found = newest_intact(out, say)
     if found is None:
         say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
@@ -239,12 +242,19 @@ def resume(out: Path, cfg: TrainConfig, run_config: dict, model, ema, optimizer,
         )
     if bool(st.get("fsdp", False)) != cfg.fsdp:
         raise ValueError(f"{ck}: written with --fsdp {'on' if st.get('fsdp') else 'off'}; resume with the same setting")
+    if (st.get("stream") is None) != (stream is None):
+        kinds = ("a converted (streamed) dataset", "a shard directory or store")
+        raise ValueError(f"{ck}: written while training from {kinds[st.get('stream') is None]}; this run reads "
+                         f"{kinds[stream is None]}, whose position in the epoch cannot be carried over: resume "
+                         "from the same kind of dataset, or train in a new --output_dir")
     load_full_state(model, optimizer, model_sd, st["optimizer"])
     load_full_model_state(ema.module, ema_sd)
     scheduler.load_state_dict(st["scheduler"])
     apply_optimizer_options(optimizer, scheduler, cfg)
     ema.n_averaged.copy_(st["ema_n_averaged"])
     set_rng_state(st["rng"])
+    if stream is not None:
+        stream.load_state_dict(st["stream"])
     pos = Position(int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"]), int(st.get("skipped_nonfinite", 0)))
     skipped = f" (skipping {len(unreadable)} unreadable newer checkpoint(s))" if unreadable else ""
     say(f"resumed from {ck} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch_in_epoch}){skipped}")
@@ -256,10 +266,12 @@ def resume(out: Path, cfg: TrainConfig, run_config: dict, model, ema, optimizer,
     return pos
 
 
-def training_state(optim_sd: dict, scheduler, ema, pos: Position, fsdp: bool) -> dict:
-    """What ``training_state.pt`` holds besides the weights."""
+def training_state(optim_sd: dict, scheduler, ema, pos: Position, fsdp: bool, stream=None) -> dict:
+    """What ``training_state.pt`` holds besides the weights (``stream``: LitData's loader, whose state
+    dict of plain values locates the run in its shuffled epoch)."""
     return {
         "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "ema_n_averaged": ema.n_averaged.detach().cpu(),
         "rng": rng_state(), "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
         "skipped_nonfinite": pos.skipped_nonfinite, "fsdp": fsdp,
+        "stream": stream.state_dict() if stream is not None else None,
     }

@@ -93,6 +93,11 @@ class TrainConfig:
                                         "values before training starts")
     ignore_manifest: bool = opt(False, "train even when embeddings_manifest.json disagrees with the shards present (a"
                                        " missing shard, another total_samples)")
+    # data in object storage (a dataset from `convert --format litdata`, local or s3://)
+    cache_dir: str = opt("", "local cache for a remote dataset's chunks (default: $BLIP3O_CACHE_DIR or "
+                             "~/.cache/blip3o-denoise/remote)")
+    max_cache_size: str = opt("50GB", "upper bound of that cache, e.g. 200GB (LitData evicts the oldest chunks)")
+    endpoint_url: str = opt("", "S3-compatible endpoint (MinIO, Ceph ...); default: $AWS_ENDPOINT_URL, else AWS")
 
     def __post_init__(self):
         choices = {

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import Position, checkpoint_dirs, export_model, resume, save_checkpoint, training_state
 from .config import TrainConfig, auto_learning_rate
-from .data.dataset import Embeddings, PairDataset, split_indices
+from .data.dataset import PairDataset, split_indices
+from .data.remote import default_cache_dir, open_dataset, storage_options, streaming_loader, streaming_train_set
 from .distributed import (
     ResumableSampler, all_ranks_true, barrier, full_model_state, full_optimizer_state, gradient_sync, is_fsdp,
     is_main, process_group, resolve_device, shard, unwrap, world, wrap_for_training,
@@ -70,11 +71,12 @@ class Run:
     ema: AveragedModel
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler: ResumableSampler
+    sampler: ResumableSampler | None  # local data: torch's per-rank sampler, restarted mid-epoch on resume
     steps_per_epoch: int
     total_steps: int
     run_config: dict = field(default_factory=dict)
     light_baselines: Baselines | None = None
+    stream: object = None  # a converted (LitData) dataset: its StreamingDataLoader, whose state resumes
 
 
 @dataclass
@@ -84,16 +86,25 @@ class Splits:
     train: PairDataset
     eval: PairDataset
     overfit: PairDataset | None
-    format: str  # "seed" or "store"
+    format: str  # "seed", "store" or "litdata"
     num_heldout: int
+    stream: object = None  # "litdata": the training part as a shuffled, rank-partitioned stream
+
+
+def remote_options(cfg: TrainConfig) -> dict:
+    return dict(cache_dir=cfg.cache_dir, max_cache_size=cfg.max_cache_size, endpoint_url=cfg.endpoint_url)
 
 
 def build_data(cfg: TrainConfig) -> Splits:
     """Open the data, split it by key hash (or take --eval_dir), and check it before training starts."""
-    emb = Embeddings(cfg.chunked_embeddings_dir, cfg.max_shards or None, check_manifest=not cfg.ignore_manifest)
+    emb = open_dataset(cfg.chunked_embeddings_dir, cfg.max_shards or None, not cfg.ignore_manifest,
+                       **remote_options(cfg))
+    if emb.format == "litdata" and cfg.overfit_test_size:
+        raise ValueError(f"--overfit_test_size trains on the first K training samples of a shard directory or "
+                         f"store; {cfg.chunked_embeddings_dir} is a converted (streamed) dataset")
     train_idx, held_idx = split_indices(emb.keys, cfg.holdout_fraction)
     if cfg.eval_dir:
-        eval_emb = Embeddings(cfg.eval_dir, check_manifest=not cfg.ignore_manifest)
+        eval_emb = open_dataset(cfg.eval_dir, None, not cfg.ignore_manifest, **remote_options(cfg))
         overlap = set(eval_emb.keys) & {emb.keys[i] for i in train_idx}
         if overlap:
             raise ValueError(f"--eval_dir {cfg.eval_dir}: {len(overlap)} sample keys also appear in the training "
@@ -101,10 +112,12 @@ def build_data(cfg: TrainConfig) -> Splits:
         held_idx = list(range(len(eval_emb)))
     else:
         eval_emb = emb
-    if not cfg.skip_value_check:  # one read of the data: a NaN sample is named now, not met as a NaN loss later
-        emb.check_finite()
-        if eval_emb is not emb:
-            eval_emb.check_finite()
+    # One read of the data: a NaN sample is named now, not met as a NaN loss later. A converted dataset
+    # was checked when it was converted (and its chunks carry checksums): it is not read in full here.
+    if not cfg.skip_value_check:
+        for e in {id(emb): emb, id(eval_emb): eval_emb}.values():
+            if e.format != "litdata":
+                e.check_finite()
     if not held_idx:
         raise ValueError(
             f"{cfg.chunked_embeddings_dir}: no held-out samples (holdout_fraction={cfg.holdout_fraction}, "
@@ -129,7 +142,13 @@ def build_data(cfg: TrainConfig) -> Splits:
             f"tokens with {train_set.tokens} target tokens, and '{cfg.conditioning}' adds condition tokens to target "
             "tokens one to one: use --conditioning cross_attention"
         )
-    return Splits(train_set, eval_set, overfit_set, emb.format, len(held_idx))
+    stream = None
+    if emb.format == "litdata":  # the same training samples, streamed (the split was made when converting)
+        stream = streaming_train_set(
+            cfg.chunked_embeddings_dir, cfg.task_mode, cfg.training_mode, cfg.holdout_fraction, cfg.seed,
+            cache_dir=cfg.cache_dir or default_cache_dir(), max_cache_size=cfg.max_cache_size,
+            storage_options=storage_options(cfg.endpoint_url))
+    return Splits(train_set, eval_set, overfit_set, emb.format, len(held_idx), stream)
 
 
 def build(cfg: TrainConfig) -> Run:
@@ -163,11 +182,16 @@ def build(cfg: TrainConfig) -> Run:
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate, betas=(0.9, 0.95), fused=fused,
     )
-    sampler = ResumableSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
-                               drop_last=False)
+    sampler = stream = None
+    if data.stream is not None:  # LitData: whole batches, equal on every rank (drop_last)
+        stream = streaming_loader(data.stream, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
+        micro_per_epoch = len(stream)
+    else:
+        sampler = ResumableSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
+                                   drop_last=False)
+        micro_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
     # An epoch is a whole number of optimizer steps: leftover micro-batches that cannot fill an
     # accumulation are dropped for that epoch (the next epoch reshuffles), so no step mixes epochs.
-    micro_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
     steps_per_epoch = micro_per_epoch // cfg.gradient_accumulation_steps
     if steps_per_epoch < 1:
         raise ValueError(
@@ -189,7 +213,7 @@ def build(cfg: TrainConfig) -> Run:
         },
     }
     return Run(cfg, device, train_set, data.eval, data.overfit, model, ema, optimizer, scheduler, sampler,
-               steps_per_epoch, total_steps, run_config)
+               steps_per_epoch, total_steps, run_config, stream=stream)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -324,7 +348,8 @@ def start_position(run: Run, out: Path, say) -> Position:
     """Step 0, or where the newest intact checkpoint left off (--resume); a fresh run refuses a directory
     that holds an earlier run's checkpoints."""
     if run.cfg.resume:
-        return resume(out, run.cfg, run.run_config, run.model, run.ema, run.optimizer, run.scheduler, say)
+        return resume(out, run.cfg, run.run_config, run.model, run.ema, run.optimizer, run.scheduler, say,
+                      stream=run.stream)
     if is_main() and checkpoint_dirs(out):
         raise FileExistsError(f"{out}: holds checkpoints from an earlier run; pass --resume to continue it or "
                               "choose a new --output_dir")
@@ -336,17 +361,24 @@ def epoch_steps(run: Run, pos: Position):
     ``gradient_accumulation_steps`` micro-batches. An epoch is a whole number of optimizer steps: leftover
     micro-batches that cannot fill a step are dropped for that epoch (the next one reshuffles)."""
     cfg, accum = run.cfg, run.cfg.gradient_accumulation_steps
-    run.sampler.set_epoch(pos.epoch)
-    run.sampler.skip = pos.batch_in_epoch * cfg.batch_size
-    # The loader gets its own generator: creating an iterator must not draw from the global RNG,
-    # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one.
-    loader = DataLoader(run.train_set, batch_size=cfg.batch_size, sampler=run.sampler, num_workers=cfg.num_workers,
-                        pin_memory=run.device.type == "cuda", drop_last=False, persistent_workers=False,
-                        generator=torch.Generator().manual_seed(cfg.seed + pos.epoch))
+    if run.stream is not None:
+        loader = run.stream  # resumed: its loaded state continues the epoch
+        if not loader.restore:  # a new epoch: LitData shuffles by its own epoch counter, kept equal to ours
+            loader.current_epoch = pos.epoch
+    else:
+        run.sampler.set_epoch(pos.epoch)
+        run.sampler.skip = pos.batch_in_epoch * cfg.batch_size
+        # The loader gets its own generator: creating an iterator must not draw from the global RNG,
+        # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one.
+        loader = DataLoader(run.train_set, batch_size=cfg.batch_size, sampler=run.sampler,
+                            num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda", drop_last=False,
+                            persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed + pos.epoch))
     left, group = run.steps_per_epoch * accum - pos.batch_in_epoch, []
     for batch in loader:
         if left == 0:
-            return
+            if run.stream is None:
+                return
+            continue  # LitData ends its epoch only when iterated to the end (else a resumed one replays)
         group.append(batch)
         left -= 1
         if len(group) == accum:
@@ -437,7 +469,7 @@ def save(run: Run, out: Path, pos: Position) -> None:
     ema_sd = full_model_state(run.ema.module)
     optim_sd = full_optimizer_state(run.model, run.optimizer)
     if is_main():
-        state = training_state(optim_sd, run.scheduler, run.ema, pos, run.cfg.fsdp)
+        state = training_state(optim_sd, run.scheduler, run.ema, pos, run.cfg.fsdp, run.stream)
         save_checkpoint(out, pos.step, model_sd, ema_sd, state, run.run_config, run.cfg.keep_checkpoints)
     barrier()
 
