@@ -5,10 +5,14 @@ The README is parsed when the tests run, so an edited or added command is tested
 repository root, except for:
 
 - data directories (``/data/...``) -> small synthetic data made by ``blip3o-denoise make-synthetic``,
-  and output paths (``--output_dir``, ``--output``, ``convert``'s destination) -> fresh temporary
-  folders; ``--checkpoint`` -> one tiny (``micro``) run trained once for the module with the
-  README's training flags (the README's own ``base`` run is trained here too, but evaluating
-  it would take minutes);
+  and output paths (``--output_dir``, ``--output``, ``--cache_dir``, ``convert``'s destination) ->
+  fresh temporary folders; ``--checkpoint`` -> one tiny (``micro``) run trained once for the module
+  with the README's training flags (the README's own ``base`` run is trained here too, but
+  evaluating it would take minutes);
+- ``s3://bucket/...`` -> moto's S3 server, started on 127.0.0.1 for the module (credentials and
+  ``AWS_ENDPOINT_URL`` in the commands' environment), holding a conversion of a 40-sample dataset
+  at ``s3://bucket/blip3o``; a command naming it gets a micro run trained from it as
+  ``--checkpoint``, and ``convert`` writes to a fresh prefix of that bucket;
 - the numeric values of the flags in ``SHORTENED`` (the README's values take minutes here);
 - ``blip3o-denoise`` runs as ``python -m blip3o_denoise.cli`` (what the console script calls).
 
@@ -29,6 +33,8 @@ import torch
 from safetensors import safe_open
 
 from blip3o_denoise.cli import main
+from blip3o_denoise.data.dataset import split_indices
+from blip3o_denoise.data.remote import open_dataset, read_manifest, write_engine_dataset
 from blip3o_denoise.data.store import convert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +48,11 @@ SKIPPED = {
     'pip install -e ".[plot]"': "installs packages (network)",
     'pip install -e ".[test]"': "installs packages (network)",
     'pip install -e ".[extract]"': "installs packages (network)",
+    'pip install -e ".[remote]"': "installs packages (network)",
+    "pip install --no-deps litdata==0.2.76": "installs packages (network); .ci/run installs LitData the same way",
+    "export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...":
+        "placeholder credentials of the sbatch script; the s3:// commands here get the test server's in their "
+        "environment",
     "python -m pytest tests -x -q": "the test suite itself, which this file is part of",
     "blip3o-denoise extract --images /data/images --output /data/store --target_model openai/clip-vit-large-patch14 "
     "--condition_model BAAI/EVA-CLIP-8B --trust_remote_code --batch_size 64 --num_workers 8 --precision fp16":
@@ -57,6 +68,12 @@ SKIPPED = {
     "srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$head:29500 "
     "--rdzv_id=$SLURM_JOB_ID train_universal_denoising.py --chunked_embeddings_dir /data/store --output_dir ./run "
     "--resume ...": "SLURM (sbatch script), 32 GPUs",
+    "srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$head:29500 "
+    "--rdzv_id=$SLURM_JOB_ID train_universal_denoising.py --task_mode clip_denoising --chunked_embeddings_dir "
+    "s3://bucket/blip3o --cache_dir /local/nvme/blip3o-cache --max_cache_size 400GB --num_workers 4 --output_dir "
+    "/shared/runs/blip3o --model_size large --batch_size 32 --precision bf16 --max_noise_level 1.0 --fsdp --resume":
+        "SLURM (sbatch script), 32 GPUs; tests/test_remote_train.py trains 2 gloo ranks from an S3 server, killed "
+        "and resumed, and the s3:// train command above runs here",
     "python benchmarks/gpu_check.py --output gpu_check.json":
         "needs a GPU; tests/test_gpu_check.py runs its CPU quick form",
 }
@@ -71,7 +88,9 @@ COVERED_ELSEWHERE = {
 }
 
 RUNNABLE = ("blip3o-denoise ", "python train_universal_denoising.py ", "torchrun ", "python benchmarks/")
-OUTPUT_FLAGS = ("--output_dir", "--output")
+OUTPUT_FLAGS = ("--output_dir", "--output", "--cache_dir")
+S3_DATA = "s3://bucket/blip3o"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def readme_commands() -> list[str]:
@@ -112,16 +131,46 @@ def ws(tmp_path_factory):
     assert main(["make-synthetic", str(emb), "--num_samples", "7", *spec]) == 0
     assert main(["make-synthetic", str(new), "--num_samples", "5", "--seed", "1", *spec]) == 0
     convert(emb, store, dtype="bfloat16", progress=False)
+    write_engine_dataset(emb, str(root / "litdata"))
     ckpt = root / "checkpoints_clip"
     # the README's training flags, with the micro preset and a few steps
     assert main(["train", "--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(store), "--output_dir",
                  str(ckpt), "--model_size", "micro", "--batch_size", "8", "--max_steps", "3", "--learning_rate", "1e-4",
                  "--max_noise_level", "1.0", "--num_inference_steps", "4", "--no_progress"]) == 0
-    return {"root": root, "data": {"/data/embeddings": emb, "/data/store": store, "/data/new": new}, "ckpt": ckpt}
+    return {"root": root, "data": {"/data/embeddings": emb, "/data/store": store, "/data/new": new,
+                                    "/data/litdata": root / "litdata"}, "ckpt": ckpt}
 
 
-def substitute(cmd: str, ws: dict, out: Path) -> list[str]:
-    """argv for ``cmd``: data paths, output paths, --checkpoint and the SHORTENED values replaced."""
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server with the README's s3://bucket/blip3o: 40 samples (the README's train command
+    streams whole batches of 8 with 4 workers), and a micro run trained from it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    root = tmp_path_factory.mktemp("readme_s3")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}", "BLIP3O_CACHE_DIR": str(root / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        boto3.client("s3").create_bucket(Bucket="bucket")
+        assert main(["make-synthetic", str(root / "src"), "--num_samples", "40", "--eva_dim", "16", "--clip_dim", "8",
+                     "--tokens", "16", "--seed", "2"]) == 0
+        write_engine_dataset(root / "src", S3_DATA)
+        ckpt = root / "run"
+        assert main(["train", "--task_mode", "clip_denoising", "--chunked_embeddings_dir", S3_DATA, "--output_dir",
+                     str(ckpt), "--model_size", "micro", "--max_steps", "2", "--max_noise_level", "1.0",
+                     "--num_inference_steps", "4", "--no_progress"]) == 0
+        yield {"env": env, "ckpt": ckpt}
+    server.stop()
+
+
+def substitute(cmd: str, ws: dict, out: Path, s3: dict | None = None) -> list[str]:
+    """argv for ``cmd``: data paths, output paths, --checkpoint and the SHORTENED values replaced
+    (``s3``: the S3 server's fixture, for a command that names s3://)."""
     tokens = shlex.split(cmd)
     prog = {"blip3o-denoise": [sys.executable, "-m", "blip3o_denoise.cli"], "python": [sys.executable],
             "torchrun": [sys.executable, "-m", "torch.distributed.run"]}[tokens[0]]
@@ -130,9 +179,9 @@ def substitute(cmd: str, ws: dict, out: Path) -> list[str]:
         prev = tokens[i - 1]
         if prev in OUTPUT_FLAGS or (tokens[:2] == ["blip3o-denoise", "convert"] and not tok.startswith("-")
                                     and positional == 2):
-            tok = str(out / Path(tok).name)
+            tok = f"s3://bucket/{out.parent.name}/blip3o" if tok.startswith("s3://") else str(out / Path(tok).name)
         elif prev == "--checkpoint":
-            tok = str(ws["ckpt"])
+            tok = str(s3["ckpt"] if s3 else ws["ckpt"])
         elif prev in SHORTENED and re.fullmatch(r"[0-9.e+-]+", tok):
             tok = SHORTENED[prev]
         elif tok.startswith("/data/"):
@@ -153,8 +202,14 @@ def check_outcome(cmd: str, argv: list[str], r: subprocess.CompletedProcess, ws:
     if kind == "inspect":
         assert "samples 7" in r.stdout and "FAILED" not in r.stdout
     elif kind == "convert":
-        m = json.loads((Path(argv[-3]) / "store_manifest.json").read_text())
-        assert (m["total_samples"], m["dtype"]) == (7, arg["--dtype"])
+        dst = argv[argv.index("convert") + 2]
+        if arg.get("--format") == "litdata":
+            m = read_manifest(dst)  # the endpoint: AWS_ENDPOINT_URL, set by the test
+            assert (m["total_samples"], m["dtype"], m["chunk_samples"]) == (7, "bfloat16", 16)
+            assert m["holdout_fraction"] == 0.05 and m["parts"]["eval"]["samples"] >= 1
+        else:
+            m = json.loads((Path(dst) / "store_manifest.json").read_text())
+            assert (m["total_samples"], m["dtype"]) == (7, arg["--dtype"])
     elif kind == "train":
         out = Path(arg["--output_dir"])
         assert (out / "final" / "model.safetensors").exists()
@@ -167,15 +222,26 @@ def check_outcome(cmd: str, argv: list[str], r: subprocess.CompletedProcess, ws:
         assert "ridge" in res["generation"]["baselines"]
     elif kind == "generate":
         with safe_open(arg["--output"], "pt") as f:
-            emb = f.get_tensor("embeddings")
-        assert emb.shape == (5, 16, 8) and torch.allclose(emb.norm(dim=-1), torch.ones(5, 16), atol=1e-3)
+            emb, keys = f.get_tensor("embeddings"), json.loads(f.metadata()["keys"])
+        want = open_dataset(arg["--chunked_embeddings_dir"]).keys
+        if arg.get("--split") == "heldout":  # the run's holdout fraction, 0.05: the key-hash rule
+            want = [want[i] for i in split_indices(want, 0.05)[1]]
+        assert keys == want and emb.shape == (len(want), 16, 8)
+        assert torch.allclose(emb.norm(dim=-1), torch.ones(len(want), 16), atol=1e-3)
 
 
 @pytest.mark.parametrize("cmd", to_run(), ids=lambda c: " ".join(c.split()[:2])[:40])
-def test_readme_command_runs(cmd, ws, tmp_path):
+def test_readme_command_runs(cmd, ws, tmp_path, request):
     out = tmp_path / "out"
     out.mkdir()
-    argv = substitute(cmd, ws, out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    s3 = request.getfixturevalue("s3") if "s3://" in cmd else None
+    argv = substitute(cmd, ws, out, s3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), **(s3["env"] if s3 else {})}
     r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    check_outcome(cmd, argv, r, ws)
+    if s3:
+        with pytest.MonkeyPatch.context() as mp:  # check_outcome reads from the server too
+            for k, v in s3["env"].items():
+                mp.setenv(k, v)
+            check_outcome(cmd, argv, r, ws)
+    else:
+        check_outcome(cmd, argv, r, ws)
