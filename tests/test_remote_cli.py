@@ -184,7 +184,7 @@ def test_bad_remote_inputs_name_the_url(ckpt, src, s3_copy, s3, tmp_path, capsys
     err = run("evaluate", *base, "--chunked_embeddings_dir", "s3://bucket/missing", "--endpoint_url", s3)
     assert "s3://bucket/missing: no blip3o_stream.json: not a converted dataset" in err
     err = run("generate", *base, "--chunked_embeddings_dir", "s3://nobucket/ds", "--endpoint_url", s3)
-    assert "s3://nobucket/ds: no blip3o_stream.json" in err
+    assert "s3://nobucket/ds: cannot read blip3o_stream.json: bucket does not exist" in err
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"

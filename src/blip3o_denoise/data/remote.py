@@ -294,7 +294,7 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict:
     try:
         raw = _read_object(url, MANIFEST, storage_options)
     except RemoteDataError as e:
-        if "does not exist" in str(e) or "No such file" in str(e):
+        if "object does not exist" in str(e) or "No such file" in str(e):  # not a missing bucket
             raise RemoteDataError(f"{url}: no {MANIFEST}: not a converted dataset, or its conversion did not "
                                   "finish (convert again)") from e
         raise
