@@ -32,6 +32,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import moto_s3_server
 from blip3o_denoise.cli import main
 from blip3o_denoise.data.dataset import split_indices
 from blip3o_denoise.data.remote import open_dataset, read_manifest, write_engine_dataset
@@ -146,14 +147,10 @@ def s3(tmp_path_factory):
     """moto's S3 server with the README's s3://bucket/blip3o: 40 samples (the README's train command
     streams whole batches of 8 with 4 workers), and a micro run trained from it."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     root = tmp_path_factory.mktemp("readme_s3")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}", "BLIP3O_CACHE_DIR": str(root / "cache")}
-    with pytest.MonkeyPatch.context() as mp:
+    with moto_s3_server() as endpoint, pytest.MonkeyPatch.context() as mp:
+        env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "BLIP3O_CACHE_DIR": str(root / "cache")}
         for k, v in env.items():
             mp.setenv(k, v)
         boto3.client("s3").create_bucket(Bucket="bucket")
@@ -165,7 +162,6 @@ def s3(tmp_path_factory):
                      str(ckpt), "--model_size", "micro", "--max_steps", "2", "--max_noise_level", "1.0",
                      "--num_inference_steps", "4", "--no_progress"]) == 0
         yield {"env": env, "ckpt": ckpt}
-    server.stop()
 
 
 def substitute(cmd: str, ws: dict, out: Path, s3: dict | None = None) -> list[str]:

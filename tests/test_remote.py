@@ -10,6 +10,7 @@ import torch
 
 import litdata  # noqa: F401 - not skipped: CI installs it (.ci/run), a missing engine is a failure
 
+from conftest import moto_s3_server
 from blip3o_denoise.data import remote as R
 from blip3o_denoise.data.dataset import Embeddings, PairDataset, split_indices
 from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
@@ -166,18 +167,14 @@ def test_missing_and_corrupt_chunk(src, tmp_path):
 @pytest.fixture(scope="module")
 def s3(src):
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
-    opts = {"endpoint_url": f"http://{host}:{port}", **creds}
-    boto3.client("s3", **opts).create_bucket(Bucket="bucket")
-    url = "s3://bucket/data/ds"
-    R.write_engine_dataset(src, url, holdout_fraction=HOLD, chunk_samples=4, storage_options=opts)
-    yield url, opts
-    server.stop()
+    with moto_s3_server() as endpoint:
+        creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
+        opts = {"endpoint_url": endpoint, **creds}
+        boto3.client("s3", **opts).create_bucket(Bucket="bucket")
+        url = "s3://bucket/data/ds"
+        R.write_engine_dataset(src, url, holdout_fraction=HOLD, chunk_samples=4, storage_options=opts)
+        yield url, opts
 
 
 def test_s3_write_and_stream_equals_local(s3, conv, src, tmp_path):
@@ -207,7 +204,8 @@ def test_s3_corrupt_object_not_kept_in_cache(s3, src, tmp_path):
     R.write_engine_dataset(src, url, holdout_fraction=HOLD, chunk_samples=4, storage_options=opts)
     client = boto3.client("s3", **opts)
     key = "data/corrupt/train/chunk-0-0.bin"
-    data = bytearray(client.get_object(Bucket="bucket", Key=key)["Body"].read())
+    good = client.get_object(Bucket="bucket", Key=key)["Body"].read()
+    data = bytearray(good)
     data[-3] ^= 0x55
     client.put_object(Bucket="bucket", Key=key, Body=bytes(data))
     cache = tmp_path / "cache"
@@ -216,6 +214,10 @@ def test_s3_corrupt_object_not_kept_in_cache(s3, src, tmp_path):
     with pytest.raises(R.RemoteDataError, match=r"s3://bucket/data/corrupt/train: chunk chunk-0-0.bin: .*CRC32"):
         list(ds)
     assert not list(cache.rglob("chunk-0-0.bin"))  # the bad copy is not left for a later run
+    client.put_object(Bucket="bucket", Key=key, Body=good)  # repaired at the source: the next run downloads it
+    again = R.streaming_train_set(url, "clip_denoising", holdout_fraction=HOLD, cache_dir=str(cache), shuffle=False,
+                                  storage_options=opts)
+    assert len(list(again)) == len(again) > 0
 
 
 def test_s3_missing_object_and_credentials(s3, monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 import litdata  # noqa: F401 - not skipped: CI installs it (.ci/run), a missing engine is a failure
 
+from conftest import moto_s3_server
 from blip3o_denoise.cli import main
 from blip3o_denoise.data import remote as R
 from blip3o_denoise.data.dataset import Embeddings, split_indices
@@ -45,19 +46,13 @@ def ckpt(src, tmp_path_factory):
 def s3():
     """moto's S3 server on 127.0.0.1 with a bucket; credentials in the environment for the module."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as mp:
+    with moto_s3_server() as endpoint, pytest.MonkeyPatch.context() as mp:
         for k, v in CREDS.items():
             mp.setenv(k, v)
         mp.delenv("AWS_ENDPOINT_URL", raising=False)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bucket")
         yield endpoint
-    server.stop()
 
 
 def _convert(src, dst, *flags):

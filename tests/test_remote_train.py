@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import blip3o_denoise.train as T
+from conftest import moto_s3_server
 from blip3o_denoise.checkpoint import checkpoint_dirs
 from blip3o_denoise.data.dataset import Embeddings, split_indices
 from blip3o_denoise.data.remote import write_engine_dataset
@@ -89,27 +90,57 @@ def test_each_epoch_streams_the_training_split(src, conv, tmp_path, monkeypatch)
     assert json.loads((tmp_path / "o" / "final" / "config.json").read_text())["data"]["format"] == "litdata"
 
 
-def test_resume_from_a_converted_dataset_is_exact(conv, tmp_path, monkeypatch):
-    """Crash after the step-6 checkpoint (mid-epoch 1; the run crosses into epoch 2 after it), resume: the
-    same weights as an uninterrupted run."""
-    full, part = tmp_path / "full", tmp_path / "part"
-    train(cfg(conv, full, max_steps=10))
+def crash_after(monkeypatch, name):
     real_save = T.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
         path = real_save(*args, **kwargs)
-        if path.name == "step_00000006":
+        if path.name == name:
             raise Crash(path)
         return path
 
     monkeypatch.setattr(T, "save_checkpoint", save_then_crash)
+    return real_save
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_a_converted_dataset_is_exact(conv, tmp_path, monkeypatch, workers):
+    """Crash after the step-6 checkpoint (mid-epoch 1; the run crosses into epoch 2 after it), resume: the
+    same weights as an uninterrupted run, with the loader in-process or in 2 worker processes."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(cfg(conv, full, max_steps=10, num_workers=workers))
+    real_save = crash_after(monkeypatch, "step_00000006")
     with pytest.raises(Crash):
-        train(cfg(conv, part, max_steps=10))
+        train(cfg(conv, part, max_steps=10, num_workers=workers))
     monkeypatch.setattr(T, "save_checkpoint", real_save)
     state = torch.load(checkpoint_dirs(part)[-1] / "training_state.pt", weights_only=True)
     # 9 whole batches per epoch, 4 steps of 2: step 6 is 4 batches (16 samples) into epoch 1
     assert (state["epoch"], state["batch_in_epoch"], state["stream"]["num_samples_yielded"]) == (1, 4, 16)
-    train(cfg(conv, part, max_steps=10, resume=True))
+    train(cfg(conv, part, max_steps=10, resume=True, num_workers=workers))
+    assert_same(weights(part), weights(full))
+
+
+def test_resume_at_the_end_of_an_epoch_reads_only_the_next_one(conv, tmp_path, monkeypatch):
+    """Saved after the last step of epoch 0: the resumed run streams epoch 1 only (not epoch 0 again)."""
+    from blip3o_denoise.data import remote
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(cfg(conv, full, max_steps=18, gradient_accumulation_steps=1, save_every_n_steps=9))
+    real_save = crash_after(monkeypatch, "step_00000009")
+    with pytest.raises(Crash):
+        train(cfg(conv, part, max_steps=18, gradient_accumulation_steps=1, save_every_n_steps=9))
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    streamed, real_get = [], remote._Stream.__getitem__
+
+    def counting(self, index):
+        item = real_get(self, index)
+        if isinstance(self._make_item, remote._PairItem):  # the training stream, not evaluation reads
+            streamed.append(item["index"])
+        return item
+
+    monkeypatch.setattr(remote._Stream, "__getitem__", counting)
+    train(cfg(conv, part, max_steps=18, gradient_accumulation_steps=1, save_every_n_steps=9, resume=True))
+    assert len(streamed) == 36  # the 9 batches of epoch 1
     assert_same(weights(part), weights(full))
 
 
@@ -135,23 +166,19 @@ def test_converted_dataset_refusals(conv, tmp_path):
 @pytest.fixture(scope="module")
 def s3(src):
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    opts = {"endpoint_url": endpoint, "aws_access_key_id": "test", "aws_secret_access_key": "test",
-            "region_name": "us-east-1"}
-    boto3.client("s3", **opts).create_bucket(Bucket="bucket")
-    url = "s3://bucket/runs/ds"
-    write_engine_dataset(src, url, holdout_fraction=HOLD, chunk_samples=4, storage_options=opts)
-    yield url, endpoint, creds
-    server.stop()
+    with moto_s3_server() as endpoint:
+        creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+        opts = {"endpoint_url": endpoint, "aws_access_key_id": "test", "aws_secret_access_key": "test",
+                "region_name": "us-east-1"}
+        boto3.client("s3", **opts).create_bucket(Bucket="bucket")
+        url = "s3://bucket/runs/ds"
+        write_engine_dataset(src, url, holdout_fraction=HOLD, chunk_samples=4, storage_options=opts)
+        yield url, endpoint, creds
 
 
-def torchrun(url, endpoint, creds, out, cache, resume=False, **popen):
+def torchrun(url, endpoint, creds, out, cache, log: Path, resume=False):
+    """Start 2 gloo ranks training from ``url``; output goes to ``log`` (a pipe nobody reads could fill up)."""
     args = ["--chunked_embeddings_dir", url, "--endpoint_url", endpoint, "--cache_dir", str(cache),
             "--output_dir", str(out), "--model_size", "micro", "--batch_size", "2", "--max_steps", "120",
             "--save_every_n_steps", "4", "--holdout_fraction", str(HOLD), "--eval_samples", "2",
@@ -159,8 +186,8 @@ def torchrun(url, endpoint, creds, out, cache, resume=False, **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_universal_denoising.py"), *args, *(["--resume"] if resume else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1", **creds)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def descendants(pid: int) -> list[int]:
@@ -180,30 +207,52 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def finish(p):
-    out, err = p.communicate(timeout=400)
-    assert p.returncode == 0, out[-2000:] + err[-4000:]
-    return out
+def kill_all(p) -> None:
+    """SIGKILL torchrun and every rank at once."""
+    for pid in [p.pid, *descendants(p.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    p.wait()
+
+
+def finish(p, log: Path) -> str:
+    try:
+        p.wait(timeout=400)
+    finally:
+        if p.poll() is None:
+            kill_all(p)
+    text = log.read_text()
+    assert p.returncode == 0, text[-4000:]
+    return text
 
 
 def test_two_ranks_from_s3_killed_and_resumed_match_an_uninterrupted_run(s3, tmp_path):
     url, endpoint, creds = s3
-    ref = tmp_path / "ref"
-    finish(torchrun(url, endpoint, creds, ref, tmp_path / "cache_ref"))
+    ref, log = tmp_path / "ref", tmp_path / "ref.log"
+    finish(torchrun(url, endpoint, creds, ref, tmp_path / "cache_ref", log), log)
     assert [c.name for c in checkpoint_dirs(ref)][-1] == "step_00000120"
     assert list((tmp_path / "cache_ref").rglob("chunk-*.bin"))  # the chunks came through the local cache
+    # 37 training samples, whole global batches of 2 x 2: 9 steps per epoch on each rank
+    assert [r["epoch"] for r in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines())
+            if r.get("step") == 120 and "loss" in r] == [13]
 
-    out = tmp_path / "killed"
-    p = torchrun(url, endpoint, creds, out, tmp_path / "cache")
-    deadline = time.time() + 300
-    while not checkpoint_dirs(out) and time.time() < deadline and p.poll() is None:
-        time.sleep(0.02)
-    for pid in [p.pid, *descendants(p.pid)]:  # torchrun and both ranks
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    p.communicate()
+    out, log = tmp_path / "killed", tmp_path / "killed.log"
+    p = torchrun(url, endpoint, creds, out, tmp_path / "cache", log)
+    try:
+        deadline = time.time() + 300
+        while not checkpoint_dirs(out) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.02)
+    finally:
+        kill_all(p)
     done = checkpoint_dirs(out)
-    assert done and done[-1].name != "step_00000120", "the run finished before it could be killed"
-    stdout = finish(torchrun(url, endpoint, creds, out, tmp_path / "cache", resume=True))
-    assert "resumed from" in stdout
+    assert done and done[-1].name != "step_00000120", (f"not killed mid-run (exit {p.returncode}): "
+                                                       + log.read_text()[-3000:])
+    state = torch.load(done[-1] / "training_state.pt", weights_only=True)
+    stream = state["stream"]
+    assert stream["dataset"]["world_size"] == 2 and 0 < state["batch_in_epoch"] <= 9
+    assert stream["num_samples_yielded"] == 2 * state["batch_in_epoch"]  # this rank's samples in the epoch
+    # resumed on "another node": a different cache directory, the same data
+    log = tmp_path / "resumed.log"
+    text = finish(torchrun(url, endpoint, creds, out, tmp_path / "cache_elsewhere", log, resume=True), log)
+    assert "resumed from" in text and "warning: the streamed epoch resumes with other" not in text
     assert_same(weights(out), weights(ref))

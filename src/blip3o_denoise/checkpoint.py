@@ -7,6 +7,7 @@ plain values only and is read with ``torch.load(weights_only=True)``."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -254,7 +255,7 @@ def resume(out: Path, cfg: TrainConfig, run_config: dict, model, ema, optimizer,
     ema.n_averaged.copy_(st["ema_n_averaged"])
     set_rng_state(st["rng"])
     if stream is not None:
-        stream.load_state_dict(st["stream"])
+        stream.load_state_dict(stream_state(st["stream"], stream, ck, say))
     pos = Position(int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"]), int(st.get("skipped_nonfinite", 0)))
     skipped = f" (skipping {len(unreadable)} unreadable newer checkpoint(s))" if unreadable else ""
     say(f"resumed from {ck} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch_in_epoch}){skipped}")
@@ -264,6 +265,27 @@ def resume(out: Path, cfg: TrainConfig, run_config: dict, model, ema, optimizer,
             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             + "; the new values apply from this step on")
     return pos
+
+
+def stream_state(saved: dict, stream, ck: Path, say) -> dict:
+    """The saved LitData loader state for this run's loader: the same dataset URL is required (the epoch's
+    order is tied to it); the cache directory may have moved (a requeued job, another node), so the state
+    is pointed at this run's. Other processes, workers or batch size resume elastically (no sample twice or
+    missed in the epoch, but another order than an uninterrupted run), which is said."""
+    state = copy.deepcopy(saved)
+    d, here = state["dataset"], stream.dataset.input_dir
+    if d.get("input_dir_url") != here.url:
+        raise ValueError(f"{ck}: streamed from {d.get('input_dir_url') or d.get('input_dir_path')}; this run reads "
+                         f"{here.url or here.path}: resume from the same dataset location")
+    d["input_dir_path"] = here.path
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    now = {"world_size": world, "num_workers": stream.num_workers or 1, "batch_size": stream.batch_size}
+    changed = {k: (d.get(k), v) for k, v in now.items() if d.get(k) != v}
+    if changed:
+        say("warning: the streamed epoch resumes with other " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
+            changed.items()) + ": LitData re-partitions the rest of the epoch (no sample repeated or skipped), "
+            "so the order differs from an uninterrupted run")
+    return state
 
 
 def training_state(optim_sd: dict, scheduler, ema, pos: Position, fsdp: bool, stream=None) -> dict:

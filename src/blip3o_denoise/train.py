@@ -363,8 +363,10 @@ def epoch_steps(run: Run, pos: Position):
     cfg, accum = run.cfg, run.cfg.gradient_accumulation_steps
     if run.stream is not None:
         loader = run.stream  # resumed: its loaded state continues the epoch
-        if not loader.restore:  # a new epoch: LitData shuffles by its own epoch counter, kept equal to ours
-            loader.current_epoch = pos.epoch
+        if not loader.restore:
+            if pos.batch_in_epoch:  # resumed from a state at the end of the epoch: nothing left in it
+                return
+            loader.current_epoch = pos.epoch  # a new epoch: LitData shuffles by its epoch counter, kept equal to ours
     else:
         run.sampler.set_epoch(pos.epoch)
         run.sampler.skip = pos.batch_in_epoch * cfg.batch_size

@@ -90,7 +90,8 @@ def _client_options(storage_options: dict | None) -> dict:
 def _s3(storage_options: dict | None):
     import boto3
 
-    return boto3.client("s3", **_client_options(storage_options))
+    # a session of its own: boto3's shared default session would keep the credentials it first saw
+    return boto3.session.Session().client("s3", **_client_options(storage_options))
 
 
 def _explain(e: Exception, url: str, obj: str) -> RemoteDataError:
@@ -361,13 +362,13 @@ def _cache_path(cache_dir: str, url: str, part: str) -> str:
     return os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()[:16], part)
 
 
-def _engine_input(url: str, part: str, cache_dir: str | None):
+def _engine_input(url: str, part: str, cache_dir: str | None, reader: str = "stream"):
     from litdata.streaming.resolver import Dir
 
     if is_remote(url):
         if not cache_dir:
             raise ValueError(f"{url}: a remote dataset needs a local cache directory (cache_dir)")
-        path = _cache_path(cache_dir, url, part)
+        path = _cache_path(cache_dir, url, part if reader == "stream" else f"{part}-{reader}")
         os.makedirs(path, exist_ok=True)
         return Dir(path=path, url=_join(url, part))
     return str(Path(url, part).resolve())
@@ -595,7 +596,9 @@ class RemoteEmbeddings:
             cache_dir, max_cache_size, storage_options = self._args
             _read_object(_join(self.url, part), _INDEX, storage_options)
             self._parts[part] = _engine_class()(
-                self.url, part, self.manifest, _RawItem(), input_dir=_engine_input(self.url, part, cache_dir),
+                # a cache folder apart from the training stream's: two readers never evict each other's chunks
+                self.url, part, self.manifest, _RawItem(), input_dir=_engine_input(self.url, part, cache_dir,
+                                                                                   "random"),
                 shuffle=False, max_cache_size=max_cache_size,
                 storage_options=_client_options(storage_options) if is_remote(self.url) else None,
             )
