@@ -65,6 +65,34 @@ def child(args) -> None:
     print(json.dumps({"samples": n, "samples_per_s": n / dt, "peak_rss_gib": peak_rss_gib(), "worker_peak_gib": kids}))
 
 
+def start_server(args, root: Path):
+    """``(server, endpoint URL, access key = secret)`` of a loopback S3 server; its data starts empty."""
+    if args.server == "moto":
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        return server, f"http://{host}:{port}", "bench"
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = root / "s3rver"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    server = subprocess.Popen([args.s3rver, "--directory", str(data), "--address", "127.0.0.1", "--port", str(port),
+                               "--silent"])
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    return server, endpoint, "S3RVER"  # s3rver's fixed credentials
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/blip3o_remote_bench")
@@ -75,12 +103,16 @@ def main():
     ap.add_argument("--target", default="")
     ap.add_argument("--opts", default="")
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--server", choices=("moto", "s3rver"), default="moto",
+                    help="the loopback S3 server: moto (Python, in this process) or s3rver (Node.js, its own "
+                         "process; `npm install s3rver@3.7.1` and pass --s3rver PATH/node_modules/.bin/s3rver)")
+    ap.add_argument("--s3rver", default="s3rver", help="the s3rver executable")
+    ap.add_argument("--rows", default="seed,store,litdata_local,s3", help="which readers to time")
     args = ap.parse_args()
     if args.child:
         return child(args)
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from blip3o_denoise.data import remote as R
     from blip3o_denoise.data.store import convert
@@ -96,10 +128,8 @@ def main():
         print(f"seed: {n} samples in {time.time() - t:.0f} s")
     if not (store / "store_manifest.json").exists():
         convert(seed, store, progress=True)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    opts = {"endpoint_url": f"http://{host}:{port}", "aws_access_key_id": "bench", "aws_secret_access_key": "bench",
+    server, endpoint, user = start_server(args, root)
+    opts = {"endpoint_url": endpoint, "aws_access_key_id": user, "aws_secret_access_key": user,
             "region_name": "us-east-1"}
     boto3.client("s3", **opts).create_bucket(Bucket="bench")
     t = time.time()
@@ -113,9 +143,10 @@ def main():
     print(f"seed {size(seed, '*.pkl'):.2f} GiB, store {size(store, '*.safetensors'):.2f} GiB, {n} samples")
 
     rows = []
-    for name, target in (("seed .pkl (local)", str(seed)), ("bf16 store (local)", str(store)),
-                         ("LitData bf16, local directory", str(engine_local)),
-                         ("LitData bf16, loopback S3 (moto)", "s3://bench/ds")):
+    readers = {"seed": ("seed .pkl (local)", str(seed)), "store": ("bf16 store (local)", str(store)),
+               "litdata_local": ("LitData bf16, local directory", str(engine_local)),
+               "s3": (f"LitData bf16, loopback S3 ({args.server})", "s3://bench/ds")}
+    for name, target in (readers[r] for r in args.rows.split(",")):
         for workers in (1, 2):
             cmd = [sys.executable, str(HERE), "--child", "--target", target, "--workers", str(workers),
                    "--batch", str(args.batch), "--opts", json.dumps(opts) if target.startswith("s3://") else ""]
@@ -127,7 +158,11 @@ def main():
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append((name, workers, r))
             print(name, workers, r, flush=True)
-    server.stop()
+    if args.server == "moto":
+        server.stop()
+    else:
+        server.kill()
+        server.wait()
     print("\n| reader | DataLoader workers | samples/s | peak RSS main (GiB) | peak RSS per worker (GiB) |")
     print("|---|---|---|---|---|")
     for name, workers, r in rows:

@@ -138,7 +138,7 @@ def test_evaluate_from_s3_equals_the_local_copy(ckpt, src, local_copy, s3_copy, 
     assert b["data"] == {"directory": s3_copy, "split": "heldout"}
     assert _no_timings(a) == _no_timings(b)  # the same samples, the same seed: the same numbers
     assert a["generation"]["model"] and a["denoising"]
-    assert list((tmp_path / "cache").rglob("eval/index.json"))  # the engine's files went to the given cache
+    assert list((tmp_path / "cache").rglob("eval-random/index.json"))  # the engine's files went to the given cache
 
 
 def test_generate_from_s3_writes_the_same_samples(ckpt, src, local_copy, s3_copy, s3, tmp_path, monkeypatch):
@@ -155,7 +155,7 @@ def test_generate_from_s3_writes_the_same_samples(ckpt, src, local_copy, s3_copy
     held = [keys[i] for i in split_indices(keys, float(HOLD))[1]]
     assert got["s3"][0] == got["local"][0] == got["seed"][0] == held  # held out wherever it is stored
     assert torch.equal(got["s3"][1], got["local"][1]) and got["s3"][1].shape == (len(held), 4, 8)
-    assert list((tmp_path / "default_cache").rglob("eval/index.json"))
+    assert list((tmp_path / "default_cache").rglob("eval-random/index.json"))
 
 
 def test_sweep_from_s3(ckpt, s3_copy, s3, tmp_path):
