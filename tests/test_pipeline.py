@@ -178,3 +178,30 @@ def test_start_below_the_trained_min_noise_level_is_refused():
         den.point_estimate(noisy(), cond(), 0.1)
     with pytest.raises(ValueError, match="below min_noise_level"):
         generate(den.model, cond(), "velocity", 2, noise_level=0.2, x_start=noisy(), min_noise_level=0.3)
+
+
+def test_from_pretrained_skips_a_truncated_newest_checkpoint(tmp_path, capsys):
+    """A run without final/ whose newest checkpoint was cut short: the previous one is loaded, and said."""
+    import shutil
+
+    from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
+    from blip3o_denoise.pipeline import resolve_checkpoint
+    from blip3o_denoise.train import TrainConfig, checkpoint_dirs, train
+
+    data = tmp_path / "d"
+    make_synthetic(data, SyntheticSpec(num_samples=24, eva_dim=16, clip_dim=8, tokens=16))
+    out = tmp_path / "run"
+    train(TrainConfig(chunked_embeddings_dir=str(data), output_dir=str(out), model_size="micro", batch_size=4,
+                      max_steps=4, save_every_n_steps=2, holdout_fraction=0.2, eval_samples=2, num_inference_steps=2,
+                      progress=False))
+    shutil.rmtree(out / "final")
+    older, newest = checkpoint_dirs(out)
+    ema = newest / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[: ema.stat().st_size // 2])
+    assert resolve_checkpoint(out) == older
+    assert "unreadable weights" in capsys.readouterr().out
+    Denoiser.from_pretrained(out)  # loads the older one
+    (older / "model.safetensors").write_bytes(b"\x00")
+    (older / "ema.safetensors").unlink()
+    with pytest.raises(ValueError, match="every checkpoint is damaged"):
+        resolve_checkpoint(out)
