@@ -44,6 +44,15 @@ RECIPES = {
     "euclidean": dict(path="euclidean", **MINI),
     "mini_shift3_target": dict(learning_rate=1e-3, warmup_steps=50, noise_schedule="uniform", time_shift=3.0,
                                prediction_type="target", **MINI),
+    # one change each against "default" (mini, the defaults)
+    "logit_normal": dict(noise_schedule="logit_normal", **MINI),
+    "logit_normal_m0.5": dict(noise_schedule="logit_normal", logit_normal_mean=0.5, time_shift=1.0, **MINI),
+    "cross_attention": dict(conditioning="cross_attention", **MINI),
+    "both": dict(conditioning="both", **MINI),
+    "warmup0": dict(warmup_steps=0, **MINI),
+    "ema_off": dict(ema_decay=0.0, **MINI),
+    "weight_decay0.1": dict(weight_decay=0.1, **MINI),
+    "cond_dropout0.1": dict(cond_dropout=0.1, **MINI),
 }
 
 
