@@ -57,3 +57,17 @@ def test_the_held_out_split_is_labelled_held_out(run, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["held_out"] is True and res["train_samples_in_evaluation"] == 0
     assert "NOT HELD OUT" not in capsys.readouterr().out
+
+
+def test_sweep_refuses_training_samples_and_labels_what_it_measures(run, tmp_path, capsys):
+    data, ckpt = run
+    out = tmp_path / "s.json"
+    base = ["sweep", "--checkpoint", str(ckpt), "--chunked_embeddings_dir", str(data), "--output", str(out),
+            "--steps", "1", "--k", "2", "--num_samples", "30"]
+    assert main([*base, "--split", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep samples were in the run's training split" in err and not out.exists()
+    assert main([*base, "--split", "all", "--allow_train_samples"]) == 0
+    assert json.loads(out.read_text())["held_out"] is False
+    assert main(base) == 0  # the held-out split
+    assert json.loads(out.read_text())["held_out"] is True

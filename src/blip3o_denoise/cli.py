@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--k", type=int, default=4, help="samples per condition for the mean-of-K cosine")
     w.add_argument("--num_samples", type=int, default=64)
     w.add_argument("--split", choices=("heldout", "all"), default="heldout")
+    w.add_argument("--allow_train_samples", action="store_true",
+                   help="sweep samples of the run's training split too (refused otherwise); the JSON says "
+                        "held_out: false")
     w.add_argument("--solver", default="", help="one or more of euler,heun,midpoint (default: the training run's)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--device", default="cpu")

@@ -97,7 +97,7 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 
 def run_sweep(ns) -> dict:
-    from .data.dataset import load_eval_split, training_split
+    from .data.dataset import keys_in_training, load_eval_split, training_split
     from .pipeline import Denoiser
 
     started = time.time()
@@ -119,6 +119,14 @@ def run_sweep(ns) -> dict:
     ds = load_eval_split(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.num_samples, **remote)
     batch = ds.stack()
     train_set = training_split(den.config, "", **remote)
+    in_training = keys_in_training(ds, train_set)
+    if in_training and not ns.allow_train_samples:
+        raise ValueError(
+            f"{ns.chunked_embeddings_dir}: {len(in_training)} of the {len(ds)} sweep samples were in the run's "
+            f"training split (e.g. key {in_training[0]!r}; split '{ns.split}'): a sweep on them measures "
+            "memorisation. Sweep the held-out split (--split heldout) or another directory, or pass "
+            "--allow_train_samples, labelled as not held out"
+        )
     if train_set is not None:
         pca = fit_baselines(train_set, ridge=False).pca
     else:
@@ -132,6 +140,8 @@ def run_sweep(ns) -> dict:
                        [int(s) for s in ns.steps.split(",")], guidance, ns.k, solvers, ns.seed, pca, precision,
                        path=den.path, min_noise_level=den.min_noise_level)
     result["precision"] = precision
+    # True: no sample is in the run's training split; None: the training data is not here to check
+    result["held_out"] = None if in_training is None else not in_training
     result["steps_within_10pct_of_best_fd"] = steps_to_match(result["rows"])
     result["seconds"] = round(time.time() - started, 2)
     out = Path(ns.output)
