@@ -216,6 +216,8 @@ def test_sweep_reports_distribution_per_solver_and_steps():
         assert r["frechet_distance"] >= 0 and 0 <= r["recall"] <= 1 and "mean_of_2" in r
     # one step of euler and heun is the same step (heun's last step is an euler step)
     assert res["rows"][0]["frechet_distance"] == res["rows"][2]["frechet_distance"]
+    assert res["rows"][0]["top1_forward"] == res["rows"][2]["top1_forward"]
+    assert all(r["point_top1_forward"] == res["rows"][0]["point_top1_forward"] for r in res["rows"])
     assert res["rows"][1]["frechet_distance"] != res["rows"][3]["frechet_distance"]
 
 

@@ -81,8 +81,25 @@ def _eval_config(ns, den):
         sample_counts=tuple(int(k) for k in ns.sample_counts.split(",")), guidance=ns.guidance, seed=ns.seed,
         distribution=not ns.no_distribution, pca_dim=ns.pca_dim,
         precision=ns.precision or den.config["train"].get("precision", "fp32"), progress=not ns.no_progress,
-        path=den.path,
+        path=den.path, retrieval=not ns.no_retrieval, retrieval_pool=ns.retrieval_pool,
+        retrieval_draws=ns.retrieval_draws,
     )
+
+
+def _figure_path(ns) -> Path | None:
+    """Where evaluate draws its retrieval picture: --plot, else beside --output (None: no picture)."""
+    if ns.no_retrieval:
+        if ns.plot or ns.images_json:
+            raise ValueError("--plot and --images_json draw the retrieval results: they need retrieval "
+                             "(drop --no_retrieval)")
+        return None
+    if ns.plot:
+        return Path(ns.plot)
+    if ns.output:
+        return Path(ns.output).with_suffix(".png")
+    if ns.images_json:
+        raise ValueError("--images_json needs --output (the picture goes beside it) or --plot PATH")
+    return None
 
 
 def cmd_evaluate(ns) -> int:
@@ -90,13 +107,27 @@ def cmd_evaluate(ns) -> int:
 
     from .data.dataset import keys_in_training, load_eval_split, refuse_nonfinite, training_split
     from .evaluate import evaluate, fit_baselines, format_results, nonfinite_fields
+    from .figures import load_images_json, retrieval_figure
     from .pipeline import Denoiser
 
     started = time.time()
+    if ns.retrieval_pool < 2 or ns.retrieval_draws < 1:
+        raise ValueError(f"--retrieval_pool must be at least 2 and --retrieval_draws at least 1 (got "
+                         f"{ns.retrieval_pool}, {ns.retrieval_draws})")
+    figure = _figure_path(ns)
+    if figure is not None:
+        try:  # know before the evaluation runs whether the picture can be drawn
+            import matplotlib  # noqa: F401
+        except ImportError:
+            if ns.plot or ns.images_json:
+                raise ValueError("--plot / --images_json need matplotlib: pip install blip3o-denoise[plot]") from None
+            figure = None
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
     cfg = den.config
     ds = load_eval_split(cfg, ns.chunked_embeddings_dir, ns.split, ns.holdout_fraction, ns.num_samples,
                          **remote_options(ns))
+    keys = [ds.emb.keys[i] for i in ds.indices]
+    images = load_images_json(ns.images_json, keys) if ns.images_json else None
     batch = ds.stack()  # the held-out samples are read once, for every metric
     refuse_nonfinite(batch, ds, ("condition", "target"))
     train_set = training_split(cfg, ns.train_dir, **remote_options(ns))
@@ -115,8 +146,9 @@ def cmd_evaluate(ns) -> int:
     if baselines is None:
         print("note: the training data is not available here (--train_dir): no fitted baselines")
     flow = cfg["flow"]
+    details: dict = {}
     result = evaluate(den.model, batch, flow["prediction_type"], cfg["train"]["task_mode"],
-                            flow["min_noise_level"], flow["max_noise_level"], _eval_config(ns, den), baselines)
+                      flow["min_noise_level"], flow["max_noise_level"], _eval_config(ns, den), baselines, details)
     bad = nonfinite_fields(result)
     if bad:
         raise ValueError(f"evaluation gave non-finite values in {', '.join(bad[:5])}"
@@ -135,6 +167,11 @@ def cmd_evaluate(ns) -> int:
     elif in_training is None:
         print("held out: not checked (the run's training data is not here; --train_dir)")
     print(f"evaluation took {result['total_seconds']:.1f} s ({result['seconds']:.1f} s sampling and metrics)")
+    if figure is not None and details.get("scores"):
+        result["figure"] = retrieval_figure(details, keys, figure, images)
+        print(f"wrote {figure} (retrieval{' with photos' if images else ''})")
+    elif figure is not None:
+        print("no retrieval picture: generation from pure noise did not run (the run never trained at level 1)")
     if ns.output:
         Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.output).write_text(json.dumps(result, indent=2))
@@ -308,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="model calls in fp32 or under bf16 autocast (default: the training run's)")
     e.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    e.add_argument("--no_retrieval", action="store_true", help="skip retrieval and geometry")
+    e.add_argument("--retrieval_pool", type=int, default=300,
+                   help="candidates per retrieval pool (all held-out samples when there are fewer)")
+    e.add_argument("--retrieval_draws", type=int, default=30,
+                   help="seeded pools drawn when there are more held-out samples than --retrieval_pool")
+    e.add_argument("--images_json", default="",
+                   help="JSON: sample key -> image file; the retrieval picture shows the photos retrieved")
+    e.add_argument("--plot", default="", help="the retrieval picture (PNG); default: beside --output")
     add_remote_arguments(e)
 
     w = sub.add_parser("sweep",

@@ -28,6 +28,7 @@ from . import sphere
 from .baselines import Ridge, fit_ridge, mean_baselines
 from .distribution import PCABasis, distribution_metrics
 from .flow import POINT_ESTIMATES, prediction_to_target
+from .retrieval import evaluate_retrieval, format_retrieval
 from .sampling import generate, noise_to_level
 
 QUALITY_THRESHOLDS = {"eva_denoising": (0.7, 0.8, 0.9), "clip_denoising": (0.6, 0.7, 0.8)}
@@ -52,6 +53,9 @@ class EvalConfig:
     pca_dim: int = 64
     knn_k: int = 3
     max_tokens: int = 2048
+    retrieval: bool = True
+    retrieval_pool: int = 300  # candidates per pool (all held-out samples when there are fewer)
+    retrieval_draws: int = 30  # seeded pools drawn when there are more samples than retrieval_pool
 
 
 @dataclass
@@ -174,6 +178,11 @@ def generation_verdict(entry: dict) -> dict:
         if "distribution" in entry and "distribution" in ridge:
             out["closer_in_distribution_than_ridge"] = (
                 entry["distribution"]["frechet_distance"] < ridge["distribution"]["frechet_distance"])
+    retrieval = entry.get("retrieval", {}).get("predictors", {})
+    if "baseline: ridge" in retrieval:
+        ridge_top1 = retrieval["baseline: ridge"]["forward"]["top1"]["mean"]
+        for name in ("point_estimate", "single_sample"):
+            out[f"{name}_retrieves_better_than_ridge"] = retrieval[name]["forward"]["top1"]["mean"] > ridge_top1
     return out
 
 
@@ -192,10 +201,13 @@ def evaluation_cost(cfg: EvalConfig, generation: bool, min_noise_level: float, m
 @torch.no_grad()
 def evaluate(
     model, batch: dict, prediction_type: str, task_mode: str, min_noise_level: float, max_noise_level: float,
-    cfg: EvalConfig | None = None, baselines: Baselines | None = None,
+    cfg: EvalConfig | None = None, baselines: Baselines | None = None, details: dict | None = None,
 ) -> dict:
     """Evaluate on ``batch = {"target": [B, N, D], "condition": [B, N, De]}`` (held-out samples,
     read once by the caller). Returns the dict documented in the README.
+
+    With ``details`` (a dict), the first retrieval pool's score matrices are left there for
+    pictures (``retrieval.evaluate_retrieval``).
 
     The K samples of a condition are drawn in one batched call (``[K * b]`` rows), model calls run
     under ``cfg.precision``; metrics are computed in float32.
@@ -266,17 +278,25 @@ def evaluate(
         }
         if (d := dist(samples[0])) is not None:
             entry["distribution"] = d
+        # every predictor of the clean tokens, scored by retrieval and geometry on the same pools
+        predictors = {"point_estimate": pts["posterior_mean"], "single_sample": samples[0],
+                      f"mean_of_{k_max}": sphere.normalize(sphere.normalize(samples).mean(0))}
+        if k_max == 1:
+            del predictors["mean_of_1"]
         if baselines is not None:
-            entry["baselines"]["mean_direction"] = token_metrics(
-                baselines.mean_direction.to(device).expand_as(target), target, thresholds)
+            base = {"mean_direction": baselines.mean_direction.to(device).expand_as(target)}
             if baselines.per_position is not None and baselines.per_position.shape[0] == target.shape[1]:
-                entry["baselines"]["per_position_mean"] = token_metrics(
-                    baselines.per_position.to(device).expand_as(target), target, thresholds)
+                base["per_position_mean"] = baselines.per_position.to(device).expand_as(target)
             if baselines.ridge is not None and cond.shape[1] == target.shape[1]:  # ridge maps token to token
-                pred = baselines.ridge.predict(cond.cpu()).to(device)
-                entry["baselines"]["ridge"] = token_metrics(pred, target, thresholds)
-                if (d := dist(pred)) is not None:
-                    entry["baselines"]["ridge"]["distribution"] = d
+                base["ridge"] = baselines.ridge.predict(cond.cpu()).to(device)
+            for name, pred in base.items():
+                entry["baselines"][name] = token_metrics(pred, target, thresholds)
+            if "ridge" in base and (d := dist(base["ridge"])) is not None:
+                entry["baselines"]["ridge"]["distribution"] = d
+            predictors.update({f"baseline: {name}": pred for name, pred in base.items()})
+        if cfg.retrieval:
+            r = evaluate_retrieval(predictors, target, cfg.retrieval_pool, cfg.retrieval_draws, cfg.seed, details)
+            entry["retrieval"] = r
         entry["verdict"] = generation_verdict(entry)
         result["generation"] = entry
     else:
@@ -314,6 +334,9 @@ def evaluate(
     if baselines is not None:
         result["baselines_fit"] = baselines.info
     result["seconds"] = round(time.time() - started, 2)
+    if "retrieval" in result.get("generation", {}):
+        r = result["generation"]["retrieval"]
+        r["share_of_evaluation_time"] = round(r["seconds"] / max(result["seconds"], 1e-9), 4)
     return result
 
 
@@ -345,6 +368,8 @@ def format_results(result: dict) -> str:
             if rd:
                 lines.append(f"  {'distribution (ridge)':<34} FD {rd['frechet_distance']:.4f}  "
                              f"precision {rd['precision']:.3f}  recall {rd['recall']:.3f}")
+        if "retrieval" in g:
+            lines += format_retrieval(g["retrieval"])
     else:
         lines.append(f"generation: {result.get('generation_skipped', 'not run')}")
     if result.get("denoising"):
