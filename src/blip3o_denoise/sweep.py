@@ -161,7 +161,8 @@ def run_sweep(ns) -> dict:
               f"{r['point_estimate']:>8.4f}{r['frechet_distance']:>8.4f}{r['precision']:>7.3f}{r['recall']:>7.3f}"
               f"{r['top1_forward']:>7.3f}{r['seconds']:>7.1f}")
     print(f"top-1: forward retrieval of single samples among {len(batch['target'])} held-out targets "
-          f"(chance {1 / min(len(batch['target']), 300):.3f}; the point estimate: {result['rows'][0]['point_top1_forward']:.3f})")
+          f"(chance {1 / min(len(batch['target']), 300):.3f}; the point estimate: "
+          f"{result['rows'][0]['point_top1_forward']:.3f})")
     for k, v in result["steps_within_10pct_of_best_fd"].items():
         print(f"{k}: {v} steps reach the Frechet distance of {max(int(s) for s in ns.steps.split(','))} steps "
               "within 10%")
