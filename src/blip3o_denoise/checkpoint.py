@@ -297,3 +297,38 @@ def training_state(optim_sd: dict, scheduler, ema, pos: Position, fsdp: bool, st
         "skipped_nonfinite": pos.skipped_nonfinite, "fsdp": fsdp,
         "stream": stream.state_dict() if stream is not None else None,
     }
+
+
+# Model options that may differ between the run given to --init_from and the new run: they change
+# training, not the weights' layout. flow_map adds the step embedding, which starts at zero.
+INIT_FROM_FREE = {"flow_map", "grad_checkpointing", "cond_dropout"}
+
+
+def load_initial_weights(model, path: str | Path) -> Path:
+    """Copy the weights (EMA where saved) of a run or checkpoint at ``path`` into ``model``.
+
+    The architecture must match; a velocity model may start a flow map (its step embedding is new
+    and starts at zero, so the new model begins as the old one at every step size). Returns the
+    weight file read.
+    """
+    from .pipeline import resolve_checkpoint
+
+    ck = resolve_checkpoint(path)
+    saved = json.loads((ck / "config.json").read_text())["model"]
+    mine = model.cfg.to_dict()
+    differ = sorted(k for k in set(saved) | set(mine) if k not in INIT_FROM_FREE and saved.get(k) != mine.get(k))
+    if differ:
+        raise ValueError(f"--init_from {path}: its model differs from this run's in "
+                         + ", ".join(f"{k} ({saved.get(k)!r} there, {mine.get(k)!r} here)" for k in differ))
+    weights = ck / ("ema.safetensors" if (ck / "ema.safetensors").exists() else "model.safetensors")
+    state = load_file(str(weights))
+    own = model.state_dict()
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise ValueError(f"--init_from {weights}: tensors this model does not have: {extra[:5]} (a flow map cannot "
+                         "start an ordinary model)")
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith("step_embed."))
+    if missing:
+        raise ValueError(f"--init_from {weights}: tensors missing for this model: {missing[:5]}")
+    model.load_state_dict(state, strict=False)
+    return weights

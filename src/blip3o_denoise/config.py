@@ -59,7 +59,9 @@ class TrainConfig:
     cond_dropout: float = opt(0.0, "probability in [0, 1) of training with the null condition (enables classifier-"
                                    "free guidance; at 0 the null condition is frozen)")
     num_inference_steps: int = opt(10, "ODE steps for evaluation and generation")
-    solver: str = opt("euler", "euler, heun or midpoint (all step on the sphere with the exponential map)")
+    solver: str = opt("auto", "euler, heun or midpoint (all step on the sphere with the exponential map); jump: one "
+                              "model call per step, read as a flow-map jump (needs --flow_map_share > 0); auto: jump "
+                              "for a flow map, else euler")
     resume: bool = opt(False, "continue from the newest complete checkpoint in --output_dir")
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = num_epochs worth)")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step (no gradient sync on the accumulating"
@@ -88,6 +90,13 @@ class TrainConfig:
                                  " won on the real development benchmark at N = 256, D = 256)")
     path: str = opt("sphere", "sphere (slerp path, steps on the sphere: the method) or euclidean (straight line "
                               "between the same unit tokens, normalised at the end: the A/B counterpart)")
+    flow_map_share: float = opt(0.0, "share of each batch trained for self-consistency of flow-map jumps (0 = an "
+                                     "ordinary velocity model; > 0: the model also takes a step size and samples "
+                                     "in 1-4 calls with --solver jump)")
+    flow_map_min_step: float = opt(1.0 / 128, "smallest jump trained for self-consistency (a power of 2: 1/128 "
+                                              "trains jumps 1, 1/2, ..., 1/128)")
+    init_from: str = opt("", "start from the weights of this run or checkpoint (fine-tuning, e.g. a velocity model "
+                             "into a flow map); the optimizer starts fresh")
     progress: bool = opt(True, "show a progress bar (--no_progress hides it)")
     skip_value_check: bool = opt(False, "skip the one read of the training and held-out data that finds NaN/inf "
                                         "values before training starts")
@@ -103,7 +112,7 @@ class TrainConfig:
         choices = {
             "task_mode": TASK_MODES, "training_mode": TRAINING_MODES, "model_size": tuple(PRESETS),
             "prediction_type": PREDICTION_TYPES, "path": PATHS, "noise_schedule": NOISE_SCHEDULES,
-            "conditioning": CONDITIONING_MODES, "precision": ("fp32", "bf16"), "solver": SOLVERS,
+            "conditioning": CONDITIONING_MODES, "precision": ("fp32", "bf16"), "solver": (*SOLVERS, "auto"),
             "report_to": ("none", "tensorboard", "wandb"),
         }
         for name, allowed in choices.items():
@@ -132,6 +141,19 @@ class TrainConfig:
             value = getattr(self, name)
             if not (0.0 <= value < 1.0 or (hi == "1]" and value == 1.0)):
                 raise ValueError(f"--{name}: expected a value in [0, {hi}, got {value}")
+        if not 0.0 <= self.flow_map_share < 1.0:
+            raise ValueError(f"--flow_map_share: expected a share in [0, 1) (the rest trains flow matching), got "
+                             f"{self.flow_map_share}")
+        k = math.log2(self.flow_map_min_step) if self.flow_map_min_step > 0 else 0.5
+        if not (0 < self.flow_map_min_step <= 1 and k == int(k)):
+            raise ValueError(f"--flow_map_min_step: expected a power of 2 in (0, 1] such as 1/128 = 0.0078125, got "
+                             f"{self.flow_map_min_step}")
+        if self.solver == "auto":  # resolved here, so the run's config and resume carry the solver used
+            self.solver = "jump" if self.flow_map_share > 0 else "euler"
+        if self.flow_map_share > 0 and self.path != "sphere":
+            raise ValueError("--flow_map_share: flow-map jumps are exp-map jumps on the sphere (--path sphere)")
+        if self.solver == "jump" and self.flow_map_share == 0:
+            raise ValueError("--solver jump reads model calls as flow-map jumps: it needs --flow_map_share > 0")
         self.flow_config()  # validates the noise range and weights
 
     def flow_config(self) -> FlowConfig:

@@ -56,6 +56,8 @@ class ModelConfig:
     # normalises its output to a point, and a zero vector has no direction: no gradient ever flows,
     # so those start from a random output layer instead (see UniversalDiT.__init__).
     zero_init_output: bool = True
+    # A flow map also takes a step size d >= 0 (see flowmap.py); d = 0 is exactly the velocity model.
+    flow_map: bool = False
 
     def __post_init__(self):
         if self.conditioning not in CONDITIONING_MODES:
@@ -290,6 +292,11 @@ class UniversalDiT(nn.Module):
         self.null_cond = nn.Parameter(torch.randn(h) * 0.02, requires_grad=cfg.cond_dropout > 0)
         self.t_freq_dim = 256
         self.t_embed = nn.Sequential(nn.Linear(self.t_freq_dim, h), nn.SiLU(), nn.Linear(h, h))
+        if cfg.flow_map:
+            # zero last layer: a flow map made from a trained velocity model starts as that model at every d
+            self.step_embed = nn.Sequential(nn.Linear(self.t_freq_dim, h), nn.SiLU(), nn.Linear(h, h))
+            nn.init.zeros_(self.step_embed[2].weight)
+            nn.init.zeros_(self.step_embed[2].bias)
         self.rope = Rope3D(h // cfg.num_heads, cfg.rope_base)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_norm = RMSNorm(h, affine=False)
@@ -330,10 +337,12 @@ class UniversalDiT(nn.Module):
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
         cache: ConditionCache | None = None, drop_mask: torch.Tensor | None = None,
+        step_size: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x_t [B, N, D_in]``, ``t [B]``, ``cond [B, M, D_cond]`` -> raw prediction ``[B, N, D_in]`` (float32).
 
         In training mode with ``cond_dropout > 0`` a random share of samples gets the null condition.
+        ``step_size [B]`` (flow maps only; None is 0): the jump the output is read for (flowmap.py).
         """
         b, n, d = x_t.shape
         if d != self.cfg.input_dim:
@@ -351,7 +360,7 @@ class UniversalDiT(nn.Module):
                 )
             x = x + cache.tokens
         c = self.t_embed(timestep_features(t.expand(b) if t.dim() == 0 else t, self.t_freq_dim, self.cfg.time_scale))
-        c = c + cache.pooled
+        c = c + cache.pooled + self.step_embedding(step_size, b, c.device)
         rope = self.rope.angles(grid_positions(n, x.device))
         for i, blk in enumerate(self.blocks):
             kv = cache.cross_kv[i] if blk.cross else None
@@ -362,3 +371,18 @@ class UniversalDiT(nn.Module):
         shift, scale = self.final_ada(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
         out = self.out(_modulate(self.final_norm(x), shift, scale))
         return out.float() / math.sqrt(d)
+
+    def step_embedding(self, step_size: torch.Tensor | None, b: int, device) -> torch.Tensor | float:
+        """``e(d) - e(0)`` ``[B, H]``: exactly 0 at ``d = 0``, so the instantaneous velocity is the same
+        network, trained by the same loss, whatever the jumps learn. 0 for a model without flow maps."""
+        if step_size is None:
+            return 0.0
+        if not self.cfg.flow_map:
+            if bool((step_size != 0).any()):
+                raise ValueError("this model was trained without flow maps: it takes no step size "
+                                 "(train or fine-tune with --flow_map_share > 0)")
+            return 0.0
+        d = (step_size.expand(b) if step_size.dim() == 0 else step_size).to(device)
+        feats = timestep_features(torch.cat([d, torch.zeros(1, device=device)]), self.t_freq_dim, self.cfg.time_scale)
+        e = self.step_embed(feats.to(self.step_embed[0].weight.dtype))
+        return e[:-1] - e[-1:]

@@ -14,10 +14,19 @@ import torch
 from . import sphere
 from .flow import prediction_to_target, prediction_to_velocity
 
-SOLVERS = ("euler", "heun", "midpoint")
+# jump: one call per step, the output read as a flow-map jump of the step's size (flowmap.py)
+SOLVERS = ("euler", "heun", "midpoint", "jump")
 
-# velocity_fn(x [B, N, D], t [B]) -> tangent velocity at x [B, N, D]
-VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# velocity_fn(x [B, N, D], t [B], d [B] | None) -> tangent vector at x [B, N, D]: the velocity for d None,
+# the jump direction of a flow map for a step size d
+VelocityFn = Callable[..., torch.Tensor]
+
+
+def model_calls(solver: str, num_steps: int, t_end: float = 1.0) -> int:
+    """Model evaluations of one integration (per sample, without guidance)."""
+    if solver == "heun":  # the last step to t = 1 is an Euler step
+        return 2 * num_steps - (1 if t_end >= 1.0 else 0)
+    return 2 * num_steps if solver == "midpoint" else num_steps
 
 
 def integrate(
@@ -30,7 +39,8 @@ def integrate(
     euler: ``x <- exp_x(dt v(x, t))`` (order 1). heun: average of the velocity at ``x`` and at the
     Euler proposal (parallel-transported back to ``x``), order 2; when ``t_end = 1`` its last step is an
     Euler step, so the velocity is never asked for at ``t = 1`` exactly. midpoint: the velocity at
-    the half-step point, transported back to ``x``, order 2. ``t_end < 1`` stops early (a model
+    the half-step point, transported back to ``x``, order 2. jump: ``x <- exp_x(dt w(x, t, dt))``, one
+    call per step, exact for an exact flow map at any step count (flowmap.py). ``t_end < 1`` stops early (a model
     trained only down to noise level ``s_min`` is integrated to ``t_end = 1 - s_min``, see :func:`generate`).
     ``path="euclidean"`` (the A/B counterpart of the method): the same solvers as straight steps in the
     ambient space, ``x <- x + dt v``, and no normalisation until the caller's last step.
@@ -50,6 +60,9 @@ def integrate(
     for i in range(num_steps):
         t, dt = float(ts[i]), float(ts[i + 1] - ts[i])
         tb = torch.full((b,), t, device=x.device)
+        if solver == "jump":
+            x = sphere.normalize(sphere.exp_map(x, dt * velocity_fn(x, tb, torch.full_like(tb, dt))))
+            continue
         v = velocity_fn(x, tb)
         if path == "euclidean":
             if solver == "heun" and (i < num_steps - 1 or t_end < 1.0):
@@ -86,10 +99,11 @@ def model_velocity_fn(
         n = cond.shape[1] if cond is not None else num_tokens
         null_cache = model.prepare_condition(None, b, n)
 
-    def fn(x, t):
-        v = prediction_to_velocity(model(x, t, cache=cache), x, t, prediction_type, time_eps, path)
+    def fn(x, t, d=None):
+        v = prediction_to_velocity(model(x, t, cache=cache, step_size=d), x, t, prediction_type, time_eps, path)
         if null_cache is not None:
-            vu = prediction_to_velocity(model(x, t, cache=null_cache), x, t, prediction_type, time_eps, path)
+            vu = prediction_to_velocity(model(x, t, cache=null_cache, step_size=d), x, t, prediction_type, time_eps,
+                                        path)
             v = vu + guidance * (v - vu)
         return v
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from .checkpoint import Position, checkpoint_dirs, export_model, resume, save_checkpoint, training_state
+from .checkpoint import (
+    Position, checkpoint_dirs, export_model, load_initial_weights, resume, save_checkpoint, training_state,
+)
 from .config import TrainConfig, auto_learning_rate
 from .data.dataset import PairDataset, split_indices
 from .data.remote import default_cache_dir, open_dataset, storage_options, streaming_loader, streaming_train_set
@@ -26,7 +28,8 @@ from .distributed import (
     is_main, process_group, resolve_device, shard, unwrap, world, wrap_for_training,
 )
 from .evaluate import Baselines, EvalConfig, evaluate, evaluation_cost, fit_baselines, format_results
-from .flow import flow_loss, sample_path, sample_seed
+from .flow import PathSample, flow_loss, prediction_to_velocity, sample_path, sample_seed
+from .flowmap import consistency_target, draw_consistency
 from .model import UniversalDiT, config_from_preset
 from .report import TrainingError, TrainLog
 
@@ -166,11 +169,13 @@ def build(cfg: TrainConfig) -> Run:
         cond_dropout=cfg.cond_dropout, grad_checkpointing=cfg.grad_checkpointing,
         zero_init_output=cfg.prediction_type == "velocity", hidden_size=cfg.hidden_size or None,
         depth=cfg.depth or None, num_heads=cfg.num_heads or None,
-        num_kv_heads=cfg.num_kv_heads or None,
+        num_kv_heads=cfg.num_kv_heads or None, flow_map=cfg.flow_map_share > 0,
     )
     if cfg.learning_rate == 0:  # resolved here, so the run's config, resume and logs carry the number
         cfg.learning_rate = auto_learning_rate(mcfg.hidden_size)
     model = UniversalDiT(mcfg).to(device)
+    if cfg.init_from:
+        load_initial_weights(model, cfg.init_from)
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay))
     if cfg.fsdp:
         shard(model, ema.module)
@@ -404,9 +409,12 @@ def forward_backward(run: Run, model, batches: list[dict], epoch: int, autocast)
         seeds = [sample_seed(cfg.seed, epoch, int(i)) for i in batch["index"]]
         path = sample_path(target, flow_cfg, sample_seeds=seeds)
         drop = condition_dropout(seeds, cfg.cond_dropout, run.device)
+        step_size = None
+        if cfg.flow_map_share > 0:
+            path, step_size = flow_map_targets(model, path, cond, drop, seeds, cfg, autocast)
         with gradient_sync(model, cfg.fsdp, sync=k == accum - 1):
             with autocast:
-                pred = model(path.x_t, path.t, cond, drop_mask=drop)
+                pred = model(path.x_t, path.t, cond, drop_mask=drop, step_size=step_size)
             loss, parts = flow_loss(pred, path, flow_cfg)
             # A non-finite loss in any micro-batch drops the whole step. The backward pass still runs:
             # under DDP / FSDP every rank must take part in the gradient reduction.
@@ -415,6 +423,31 @@ def forward_backward(run: Run, model, batches: list[dict], epoch: int, autocast)
         parts_sum += torch.stack([loss.detach().float(), parts["mse"].float(), parts["sphere_penalty"].float()]) / accum
         samples += target.shape[0]
     return parts_sum, all_ranks_true(finite, run.device), (pred, path), samples
+
+
+def flow_map_targets(model, path: PathSample, cond, drop, seeds: list[int], cfg: TrainConfig, autocast):
+    """The flow-map part of a step (flowmap.py): each sample draws whether it trains a jump ``2d`` and
+    which; for those, ``u_t`` is replaced by the self-consistency target ``w*`` (two chained jumps of
+    ``d``, no gradient). Returns the path with the mixed targets and the step sizes ``[B]`` (0: flow
+    matching), so the loss stays :func:`flow.flow_loss` on one forward of the whole batch."""
+    two_d = draw_consistency(seeds, path.t.cpu(), cfg.flow_map_share, cfg.flow_map_min_step)
+    idx = torch.nonzero(two_d > 0).flatten()
+    two_d = two_d.to(path.t.device)
+    if len(idx) == 0:
+        return path, two_d
+    idx_d = idx.to(path.t.device)
+    c = cond[idx_d] if cond is not None else None
+    dm = drop[idx_d] if drop is not None else None
+
+    def field(x, t, d):
+        with autocast:
+            raw = model(x, t, c, drop_mask=dm, step_size=d)
+        return prediction_to_velocity(raw, x, t, cfg.prediction_type, path=cfg.path)
+
+    w = consistency_target(field, path.x_t[idx_d], path.t[idx_d], two_d[idx_d], cfg.flow_map_min_step)
+    u = path.u_t.clone()
+    u[idx_d] = w.to(u.dtype)
+    return replace(path, u_t=u), two_d
 
 
 def condition_dropout(seeds: list[int], p: float, device: torch.device) -> torch.Tensor | None:

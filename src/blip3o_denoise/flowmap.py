@@ -1,0 +1,88 @@
+"""Flow maps on the per-token sphere: one model call jumps from time ``t`` to ``t + d``.
+
+The network takes a step size ``d >= 0`` beside ``t``. Its output, converted to a tangent vector
+``w`` at ``x_t`` exactly as a velocity is (``flow.prediction_to_velocity``), jumps along the
+sphere:
+
+    X(x_t, t, d) = exp_{x_t}(d w(x_t, t, d))
+
+``d = 0`` is the instantaneous velocity: same loss (flow matching on ``u_t``), same network (the
+step embedding is exactly zero at ``d = 0``, model.step_embedding).
+
+Self-consistency (shortcut models, stated on the sphere): one jump of ``2d`` lands where two
+chained jumps of ``d`` land. The target is built without gradient and carried back to ``x_t`` by
+the log map, so it is a tangent vector at ``x_t``, never an ambient difference:
+
+    x_mid = X(x_t, t, d),   x_end = X(x_mid, t + d, d),   w* = log_{x_t}(x_end) / (2d)
+    loss  = | w(x_t, t, 2d) - w* |^2   (summed over D, averaged over tokens)
+
+For the exact flow map of the ODE, ``X(., t, 2d)`` is the composition of two ``d`` maps, and
+``exp_{x_t}(2d w*) = x_end`` (the log map inverts the exp map below angle pi), so the loss is zero.
+The jumps ``2d`` are dyadic, ``2^-k`` down to ``min_step``; the two half jumps of the smallest
+one use ``d = 0`` (the velocity), so the recursion is anchored on flow matching.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import sphere
+
+# field(x [B, N, D], t [B], d [B]) -> tangent vector w at x [B, N, D]
+JumpField = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+SEED_SALT = 0x2545F4914F6CDD1D  # the flow-map draws of a sample: a stream apart from its noise
+
+
+def jump(x: torch.Tensor, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``exp_x(d w)`` per sample: ``x, w [B, N, D]``, ``d [B]`` (or a number)."""
+    if not torch.is_tensor(d):
+        d = torch.full((x.shape[0],), float(d), device=x.device)
+    return sphere.normalize(sphere.exp_map(x, sphere.broadcast_time(d, x) * w))
+
+
+def dyadic_steps(min_step: float) -> list[float]:
+    """The jumps trained for self-consistency: 1, 1/2, ... down to ``min_step`` (a power of 2)."""
+    steps = [1.0]
+    while steps[-1] / 2 >= min_step * (1 - 1e-9):
+        steps.append(steps[-1] / 2)
+    return steps
+
+
+def draw_consistency(seeds: list[int], t: torch.Tensor, share: float, min_step: float) -> torch.Tensor:
+    """Per sample, the jump ``2d`` it trains for self-consistency, or 0 (it trains flow matching).
+
+    A sample trains a jump with probability ``share``, the jump drawn uniformly from the dyadic
+    jumps that fit before ``t = 1`` (``2d <= 1 - t``); when none fits it trains flow matching.
+    Draws depend only on the sample's seed and time: the same on any batch, rank or resume.
+    """
+    steps = dyadic_steps(min_step)
+    out = torch.zeros(len(seeds), dtype=torch.float32)
+    for i, (seed, ti) in enumerate(zip(seeds, t.tolist())):
+        g = torch.Generator().manual_seed(seed ^ SEED_SALT)
+        u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        fits = [s for s in steps if s <= 1.0 - ti + 1e-9]
+        if u[0] < share and fits:
+            out[i] = fits[min(int(u[1] * len(fits)), len(fits) - 1)]
+    return out
+
+
+@torch.no_grad()
+def consistency_target(field: JumpField, x_t: torch.Tensor, t: torch.Tensor, two_d: torch.Tensor,
+                       min_step: float) -> torch.Tensor:
+    """``w* = log_{x_t}(X(X(x_t, t, d), t + d, d)) / (2d)`` ``[B, N, D]``, tangent at ``x_t``, no gradient.
+
+    Half jumps below ``min_step`` are taken with the velocity (step size input 0).
+    """
+    d = two_d / 2
+    d_in = torch.where(d < min_step * (1 - 1e-9), torch.zeros_like(d), d)
+    x_mid = jump(x_t, field(x_t, t, d_in), d)
+    x_end = jump(x_mid, field(x_mid, t + d, d_in), d)
+    return sphere.log_map(x_t, x_end) / sphere.broadcast_time(two_d, x_t)
+
+
+def consistency_error(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared tangent error ``[B]``: summed over D, averaged over tokens."""
+    return ((w.float() - target.float()) ** 2).sum(-1).mean(-1)
