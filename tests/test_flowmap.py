@@ -191,3 +191,40 @@ def test_training_on_a_toy_makes_one_jump_land_where_the_flow_goes():
         return float(torch.arccos((two * once).sum(-1).clamp(-1, 1)).mean())
 
     assert mismatch(fm) < 0.7 * mismatch(plain)  # measured: 0.18 vs 0.30 rad after 800 steps
+
+
+def test_fine_tune_a_run_into_a_flow_map_then_evaluate_and_sweep_by_calls(tmp_path):
+    import json
+
+    from blip3o_denoise.cli import main
+    from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
+    from blip3o_denoise.pipeline import Denoiser
+
+    data = tmp_path / "d"
+    make_synthetic(data, SyntheticSpec(num_samples=30, eva_dim=16, clip_dim=8, tokens=16))
+    common = ["--chunked_embeddings_dir", str(data), "--model_size", "micro", "--batch_size", "8", "--max_steps", "2",
+              "--warmup_steps", "1", "--eval_every_n_steps", "0", "--save_every_n_steps", "0",
+              "--num_inference_steps", "2", "--holdout_fraction", "0.2", "--eval_samples", "4",
+              "--min_noise_level", "0.0", "--max_noise_level", "1.0", "--no_progress"]
+    assert main(["train", "--output_dir", str(tmp_path / "plain"), *common]) == 0
+    assert main(["train", "--output_dir", str(tmp_path / "fm"), "--init_from", str(tmp_path / "plain"),
+                 "--flow_map_share", "0.25", *common]) == 0
+    den = Denoiser.from_pretrained(tmp_path / "fm")
+    assert den.model.cfg.flow_map and den.solver == "jump"
+    cond = torch.randn(2, 16, 16)
+    one = den.generate(cond, num_steps=1, seed=0)
+    assert one.shape == (2, 16, 8) and not torch.equal(one, den.generate(cond, num_steps=2, seed=0))
+    with pytest.raises(ValueError, match="without flow maps"):
+        Denoiser.from_pretrained(tmp_path / "plain").generate(cond, num_steps=1, solver="jump")
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "fm"), "--chunked_embeddings_dir", str(data),
+                 "--output", str(out), "--num_inference_steps", "1", "--noise_levels", "0.5", "--sample_counts", "2",
+                 "--no_distribution", "--no_progress"]) == 0
+    res = json.loads(out.read_text())
+    assert res["solver"] == "jump" and res["num_steps"] == 1
+    sw = tmp_path / "s.json"
+    assert main(["sweep", "--checkpoint", str(tmp_path / "fm"), "--chunked_embeddings_dir", str(data),
+                 "--output", str(sw), "--steps", "1,2", "--solver", "jump,heun", "--k", "2"]) == 0
+    rows = json.loads(sw.read_text())["rows"]
+    assert [(r["solver"], r["steps"], r["calls"]) for r in rows] == [("jump", 1, 1), ("jump", 2, 2), ("heun", 1, 1),
+                                                                    ("heun", 2, 3)]

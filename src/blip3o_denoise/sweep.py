@@ -19,7 +19,7 @@ from . import sphere
 from .distribution import distribution_metrics
 from .evaluate import fit_baselines, mean_of_k_cosine
 from .retrieval import evaluate_retrieval
-from .sampling import generate, point_estimate
+from .sampling import generate, model_calls, point_estimate
 
 
 def sweep(model, batch: dict, prediction_type: str, steps_list, guidance_list, k: int = 4, solvers=("euler",),
@@ -51,7 +51,8 @@ def sweep(model, batch: dict, prediction_type: str, steps_list, guidance_list, k
                                      min_noise_level=min_noise_level, path=path)
                     parts.append(x.float().reshape(k, c.shape[0], *x.shape[1:]))
                 samples = torch.cat(parts, 1)
-                row = {"steps": n, "solver": solver, "guidance": g, "single": mean_of_k_cosine(samples, target, 1),
+                row = {"steps": n, "calls": model_calls(solver, n) * (2 if g != 1.0 else 1), "solver": solver,
+                       "guidance": g, "single": mean_of_k_cosine(samples, target, 1),
                        f"mean_of_{k}": mean_of_k_cosine(samples, target, k), "point_estimate": point_cos,
                        "seconds": round(time.time() - t0, 3)}
                 r = evaluate_retrieval({"single": samples[0]}, target, seed=seed)["predictors"]["single"]
@@ -88,12 +89,12 @@ def plot_sweep(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for solver, g in sorted({(r["solver"], r["guidance"]) for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["guidance"] == g and r["solver"] == solver]
-        steps = [r["steps"] for r in rows]
+        steps = [r["calls"] for r in rows]
         ax.plot(steps, [r["single"] for r in rows], "o-", label=f"single sample, {solver}, w={g:g}")
         ax.plot(steps, [r[f"mean_of_{k}"] for r in rows], "s--", label=f"mean of {k}, {solver}, w={g:g}")
     ax.axhline(result["rows"][0]["point_estimate"], color="gray", ls=":", label="point estimate")
     ax.set_xscale("log")
-    ax.set_xlabel("sampling steps")
+    ax.set_xlabel("model calls per sample (steps x calls per step)")
     ax.set_ylabel("held-out cosine")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -154,10 +155,10 @@ def run_sweep(ns) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     key = f"mean_of_{result['k']}"
-    print(f"{'solver':<9}{'steps':>6}{'w':>5}{'single':>9}{'mean of ' + str(result['k']):>11}{'point':>8}"
+    print(f"{'solver':<9}{'steps':>6}{'calls':>6}{'w':>5}{'single':>9}{'mean of ' + str(result['k']):>11}{'point':>8}"
           f"{'FD':>8}{'prec.':>7}{'recall':>7}{'top-1':>7}{'s':>7}")
     for r in result["rows"]:
-        print(f"{r['solver']:<9}{r['steps']:>6}{r['guidance']:>5g}{r['single']:>9.4f}{r[key]:>11.4f}"
+        print(f"{r['solver']:<9}{r['steps']:>6}{r['calls']:>6}{r['guidance']:>5g}{r['single']:>9.4f}{r[key]:>11.4f}"
               f"{r['point_estimate']:>8.4f}{r['frechet_distance']:>8.4f}{r['precision']:>7.3f}{r['recall']:>7.3f}"
               f"{r['top1_forward']:>7.3f}{r['seconds']:>7.1f}")
     print(f"top-1: forward retrieval of single samples among {len(batch['target'])} held-out targets "
