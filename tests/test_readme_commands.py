@@ -133,13 +133,21 @@ def ws(tmp_path_factory):
     assert main(["make-synthetic", str(new), "--num_samples", "5", "--seed", "1", *spec]) == 0
     convert(emb, store, dtype="bfloat16", progress=False)
     write_engine_dataset(emb, str(root / "litdata"))
+    from PIL import Image  # /data/images.json: a photo per sample key, as the development benchmark writes it
+
+    (root / "images").mkdir()
+    for i, key in enumerate(open_dataset(str(emb)).keys):
+        Image.new("RGB", (8, 8), (30 * i % 256, 80, 120)).save(root / "images" / f"{i}.png")
+    (root / "images.json").write_text(json.dumps({k: f"images/{i}.png"
+                                                  for i, k in enumerate(open_dataset(str(emb)).keys)}))
     ckpt = root / "checkpoints_clip"
     # the README's training flags, with the micro preset and a few steps
     assert main(["train", "--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(store), "--output_dir",
                  str(ckpt), "--model_size", "micro", "--batch_size", "8", "--max_steps", "3", "--learning_rate", "1e-4",
                  "--max_noise_level", "1.0", "--num_inference_steps", "4", "--no_progress"]) == 0
     return {"root": root, "data": {"/data/embeddings": emb, "/data/store": store, "/data/new": new,
-                                    "/data/litdata": root / "litdata"}, "ckpt": ckpt}
+                                    "/data/litdata": root / "litdata", "/data/images.json": root / "images.json"},
+            "ckpt": ckpt}
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +224,12 @@ def check_outcome(cmd: str, argv: list[str], r: subprocess.CompletedProcess, ws:
         res = json.loads(Path(arg["--output"]).read_text())
         assert res["held_out"] is True and "generation" in res and res["denoising"]
         assert "ridge" in res["generation"]["baselines"]
+        assert res["generation"]["retrieval"]["pool_size"] == res["num_images"]
+        if "--images_json" in arg:  # the picture, and the photos it names are the JSON's
+            table = json.loads(Path(arg["--images_json"]).read_text())
+            assert Path(res["figure"]["png"]).stat().st_size > 0
+            for q in res["figure"]["queries"]:
+                assert q["image"] == str(Path(arg["--images_json"]).parent / table[q["key"]])
     elif kind == "generate":
         with safe_open(arg["--output"], "pt") as f:
             emb, keys = f.get_tensor("embeddings"), json.loads(f.metadata()["keys"])

@@ -95,6 +95,8 @@ def wilson_interval(p: float, n: int) -> list[float]:
 
 def binomial_quantile(n: int, p: float, q: float) -> int:
     """The smallest count c with P(Binomial(n, p) <= c) >= q."""
+    if p >= 1.0:
+        return n
     total = 0.0
     for c in range(n + 1):
         log_pmf = (math.lgamma(n + 1) - math.lgamma(c + 1) - math.lgamma(n - c + 1)
