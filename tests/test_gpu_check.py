@@ -132,7 +132,7 @@ def test_time_guard_skips_and_records(tmp_path):
     r = run_script(out, "--time_budget", "0", "--presets", "base")
     rep = json.loads(out.read_text())
     skipped = {s["part"] for s in rep["skipped"]}
-    assert skipped == {"sdpa", "train base eager", "generation base", "evaluate"}, skipped
+    assert skipped == {"sdpa", "host", "train base eager", "generation base", "evaluate"}, skipped
     assert all("time guard" in s["reason"] for s in rep["skipped"])
     assert "skipped" in rep["sdpa"] and "skipped" in rep["evaluate"] and not measured(rep)
     assert "skipped train base eager: time guard" in r.stdout
@@ -149,3 +149,29 @@ def test_peak_table(gpu_check_module):
     assert peak("Tesla T4") is None and peak("NVIDIA H100 NVL") is None
     info = gpu_check_module.peak_info(torch.device("cuda"), "Tesla T4", None)
     assert info["bf16_dense_tflops"] is None and "unknown" in info["note"]
+
+
+def test_host_time_per_step_beside_the_device_step(quick, gpu_check_module):
+    """The host part: the device step at 40% MFU follows from FLOPs counted on the meta device (which
+    include attention, unlike the CPU's SDPA kernel) and the peak; with noise drawn in the loader's
+    workers the main process draws nothing, and each share is host time over that step."""
+    r, stdout = quick
+    h = r["host"]
+    s = h["shapes"]
+    assert (s["tokens"], s["input_dim"], s["cond_dim"]) == (16, 32, 64) and h["peak_tflops"] == PEAK
+    assert h["step_s_at_40pct_mfu"] == pytest.approx(h["flops_per_step"] / (0.4 * PEAK * 1e12), rel=1e-12)
+    torch.manual_seed(0)
+    model = UniversalDiT(ModelConfig(**measured(r)[0]["model"]))
+    x, cond = torch.randn(s["batch"], s["tokens"], s["input_dim"]), torch.randn(s["batch"], s["tokens"], s["cond_dim"])
+    with FlopCounterMode(display=False) as fc:
+        path = sample_path(x, FlowConfig(), torch.Generator().manual_seed(0))
+        flow_loss(model(path.x_t, path.t, cond), path, FlowConfig())[0].backward()
+    cpu = fc.get_total_flops()
+    assert cpu < h["flops_per_step"] < 1.5 * cpu
+    old, new = h["rows"]["main_process_noise"], h["rows"]["loader_noise"]
+    assert old["workers"] == 0 and new["workers"] >= 2
+    assert old["draw_randomness_s"] > 0 and new["draw_randomness_s"] < old["draw_randomness_s"] / 10
+    for row in (old, new):
+        assert row["share_of_step"] == pytest.approx(row["host_s"] / h["step_s_at_40pct_mfu"])
+        assert row["main_process_work_s"] == pytest.approx(row["draw_randomness_s"] + row["issue_copies_s"])
+    assert "host time per training step in the main process" in stdout and "loader workers" in stdout
