@@ -190,21 +190,26 @@ def host_time(device: torch.device, quick: bool, peak_tflops: float | None, peak
     }
 
 
+def _ms(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
 def format_host(h: dict) -> list[str]:
     s = h["shapes"]
     lines = [f"host time per training step in the main process (outside forward/backward/optimizer), {h['preset']} "
              f"N = {s['tokens']}, {s['input_dim']} <- {s['cond_dim']}, batch {s['batch']}",
              f"device step at 40% MFU: {h['flops_per_step'] / 1e12:.3g} TFLOP / (0.4 x {h['peak_tflops']:g} TFLOP/s, "
-             f"{h['peak_of']}) = {h['step_s_at_40pct_mfu'] * 1e3:.2f} ms; target: host <= "
-             f"{h['target_share']:.0%} of it ({h['target_share'] * h['step_s_at_40pct_mfu'] * 1e3:.2f} ms)",
+             f"{h['peak_of']}) = {h['step_s_at_40pct_mfu'] * 1e3:.3g} ms; target: host <= "
+             f"{h['target_share']:.0%} of it ({h['target_share'] * h['step_s_at_40pct_mfu'] * 1e3:.3g} ms)",
              f"{'noise drawn in':<20}{'workers':>8}{'wait ms':>9}{'draw ms':>9}{'copy ms':>9}{'host ms':>9}"
-             f"{'share':>8}{'work share':>11}{'worker ms/batch':>16}{'workers needed':>15}"]
+             f"{'share':>10}{'work share':>11}{'worker ms/batch':>16}{'workers needed':>15}"]
     for key, r in h["rows"].items():
         label = "main process (old)" if key == "main_process_noise" else "loader workers"
-        lines.append(f"{label:<20}{r['workers']:>8}{r['wait_for_batch_s'] * 1e3:>9.2f}"
-                     f"{r['draw_randomness_s'] * 1e3:>9.2f}{r['issue_copies_s'] * 1e3:>9.2f}{r['host_s'] * 1e3:>9.2f}"
-                     f"{r['share_of_step']:>8.1%}{r['work_share_of_step']:>11.1%}{r['worker_batch_s'] * 1e3:>16.1f}"
-                     f"{r['workers_needed']:>15}")
+        ms = [r[k] * 1e3 for k in ("wait_for_batch_s", "draw_randomness_s", "issue_copies_s", "host_s")]
+        worker = _ms(r["worker_batch_s"] * 1e3)
+        lines.append(f"{label:<20}{r['workers']:>8}" + "".join(f"{_ms(x):>9}" for x in ms)
+                     + f"{r['share_of_step']:>10.1%}{r['work_share_of_step']:>11.1%}{worker:>16}"
+                     + f"{r['workers_needed']:>15}")
     lines.append(f"(share: host ms / device step; work share: draw + copy, without waiting; {h['cpu_cores']} CPU "
                  f"cores here, load average {h['load_average']:.1f}; {h['bytes_to_device_per_step'] / 2**20:.0f} MiB "
                  f"to the device per step; the pin-memory thread's copy of it: about "
