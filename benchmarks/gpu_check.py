@@ -578,7 +578,7 @@ def format_table(r: dict) -> str:
     lines = [f"gpu_check on {env['device_name']} ({env['device']}) | torch {env['torch']} | CUDA {env['cuda']} | "
              + (f"bf16 dense peak {p:g} TFLOP/s ({peak['source']})" if p else "bf16 peak unknown: MFU not computed")]
     if r.get("quick"):
-        lines.append("QUICK RUN: tiny widths, not the real shapes")
+        lines.append("QUICK RUN: tiny widths, not the real shapes (but the host time per step: real shapes)")
     sd = r.get("sdpa", {})
     if "backend" in sd:
         ok = ", ".join(k for k, v in sd["available"].items() if v is True)
