@@ -35,8 +35,8 @@ from .report import TrainingError, TrainLog
 __all__ = ["TrainConfig", "TrainingError", "build", "train", "checkpoint_dirs", "lr_lambda"]
 
 # Loader workers per process on a GPU when --num_workers is left at -1 (auto): each worker collates whole
-# batches and draws their noise (about 80 ms of CPU per batch of 64 at the base preset's shapes, the
-# device step about 20 ms at 40% MFU on an H100), so a few are needed, bounded by the CPU cores per process.
+# batches and draws their noise (about 160 ms of CPU per batch of 64 at the base preset's shapes, the
+# device step about 21 ms at 40% MFU on an H100: benchmarks/host_time.py), bounded by the cores per process.
 MAX_AUTO_WORKERS = 8
 
 
