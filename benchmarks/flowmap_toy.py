@@ -32,6 +32,7 @@ from blip3o_denoise import sphere as S
 from blip3o_denoise.config import TrainConfig
 from blip3o_denoise.flow import FlowConfig, PathSample, flow_loss
 from blip3o_denoise.sampling import integrate
+from blip3o_denoise.flowmap import draw_consistency
 from blip3o_denoise.train import flow_map_targets
 
 AXIS = S.normalize(torch.tensor([0.3, -0.2, 1.0]))
@@ -96,8 +97,8 @@ def train(kind, steps, share=0.5):
         path = PathSample(x, x, x, t, velocity(x))
         d = None
         if kind == "shortcut":
-            path, d = flow_map_targets(net, path, None, None, list(range(step * 128, step * 128 + 128)), cfg,
-                                       nullcontext())
+            jumps = draw_consistency(list(range(step * 128, step * 128 + 128)), t, cfg.flow_map_share, 1 / 8)
+            path, d = flow_map_targets(net, path, None, None, jumps, cfg, nullcontext())
         elif kind == "meanflow":
             u, d = meanflow_targets(net, x, t, share, step)
             path = PathSample(x, x, x, t, u)

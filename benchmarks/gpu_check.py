@@ -8,8 +8,13 @@ Parts, in this order (each in its own try/except: a failure is recorded in the J
 - ``sdpa``: which scaled-dot-product-attention kernel the model's attention runs, read from the
   aten op names of one profiled forward+backward of the model under bf16 autocast, and which
   backends accept the model's q/k/v when forced one at a time with ``sdpa_kernel``.
-- ``train``: the real training step (``sample_path`` with per-sample seeds as in train.py,
-  forward under bf16 autocast, ``flow_loss``, backward, fused AdamW step) per preset, eager and
+- ``host``: the main process's host time per training step outside forward, backward and the
+  optimizer (waiting for the batch, drawing randomness, issuing copies) at the ``base`` preset's
+  shapes, batch 64 (also with --quick), against the step time a card needs at 40% MFU (``host_time.py``); noise drawn
+  in the main process as before issue 21, and in the loader's workers as train.py does now.
+- ``train``: the real training step (the path from noise drawn with per-sample seeds by the
+  loader's collate, as train.py's workers do: drawn ahead, outside the timed step, and timed alone
+  as ``sample_path_s``), forward under bf16 autocast, ``flow_loss``, backward, fused AdamW step) per preset, eager and
   compiled, at ``clip_denoising`` shapes (N = 256, CLIP 1024 <- EVA 4096): median step time over
   timed steps after warm-up, samples/s, tokens/s, peak memory, FLOPs per step (FlopCounterMode
   over one eager step), achieved TFLOP/s = FLOPs / median step time, and MFU = achieved / the
@@ -84,7 +89,7 @@ QUICK_OVERRIDES = {"base": dict(hidden_size=64, depth=2, num_heads=4, num_kv_hea
                    "large": dict(hidden_size=96, depth=3, num_heads=4, num_kv_heads=2)}
 
 # rough seconds a part needs on a GPU: the guard skips a part when less than this is left
-NEED_S = {"sdpa": 10, "train_eager": 25, "train_compile": 100, "generation": 15, "evaluate": 45}
+NEED_S = {"sdpa": 10, "host": 30, "train_eager": 25, "train_compile": 100, "generation": 15, "evaluate": 45}
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
@@ -266,23 +271,40 @@ def sdpa_part(ck: Check) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- host time per step
+
+
+def host_part(ck: Check) -> dict:
+    from host_time import host_time
+
+    peak = ck.report["peak"]
+    name = ck.report["environment"]["device_name"] if peak["source"] == "table" else peak["source"]
+    # the base preset's real shapes even with --quick (fewer steps): the host's work grows with them
+    return host_time(ck.device, ck.args.quick, peak["bf16_dense_tflops"], name)
+
+
 # ----------------------------------------------------------------------------- training
 
 
 def make_step(model, fwd, opt, target, cond, device):
-    """The training step of train.py: path with per-sample seeds, bf16 forward, loss, backward, AdamW."""
-    from blip3o_denoise.flow import FlowConfig, flow_loss, sample_path, sample_seed
+    """The training step of train.py: the path from the noise its loader's workers drew (per-sample seeds;
+    drawn once here, ``path`` times one batch's draws), bf16 forward, loss, backward, AdamW."""
+    from blip3o_denoise.data.noise import NoiseCollate
+    from blip3o_denoise.flow import FlowConfig, flow_loss, path_from
 
     flow = FlowConfig()
     amp = torch.autocast(device.type, dtype=torch.bfloat16)
-    counter = iter(range(1 << 62))
+    collate = NoiseCollate(flow, 0)
+    items = [{"target": target[i].cpu(), "condition": torch.zeros(1), "index": i} for i in range(target.shape[0])]
 
-    def path():
-        seeds = [sample_seed(0, 0, next(counter)) for _ in range(target.shape[0])]
-        return sample_path(target, flow, sample_seeds=seeds)
+    def path():  # what a loader worker does for a batch (collate and draws), outside the step
+        return collate(items)
+
+    drawn = path()
+    noise, level = drawn["noise"].to(device), drawn["noise_level"].to(device)
 
     def step(forward=None):
-        p = path()
+        p = path_from(target, noise, level, flow)
         with amp:
             pred = (forward or fwd)(p.x_t, p.t, cond)
         loss, _ = flow_loss(pred, p, flow)
@@ -385,10 +407,8 @@ def train_part(ck: Check, preset: str, compiled: bool) -> dict:
         "flops_note": ("includes attention" if any("attention" in op for op in by_op) else
                        "attention FLOPs not counted: this device's SDPA kernel is not in FlopCounterMode's registry"),
         "mfu": achieved / peak if peak else None,
+        # one batch's draws in a loader worker (not in the step): workers needed ~ this / step_s
         "sample_path_s": path_s, "sample_path_share": path_s / step_s,
-        # what the model, loss and optimizer alone would reach if the noise cost nothing (an estimate)
-        "mfu_without_sample_path_estimate": (flops / (step_s - path_s) / 1e12 / peak
-                                             if peak and step_s > path_s else None),
         "peak_memory_gib": peak_mem,
         "memory_kind": ("torch.cuda.max_memory_allocated since the part began" if dev.type == "cuda"
                         else "process peak RSS (VmHWM), never reset: covers every earlier part too"),
@@ -458,7 +478,7 @@ def profile_summary(ck: Check, step, why: str, steps: int = 3) -> dict:
         out["gpu_kernels"] = k
         out["gpu_busy_share"] = k["total_ms_per_step"] / 1e3 / wall
         out["note"] = ("gpu_busy_share well under 1 means the GPU waits for the CPU (launches, the noise drawn "
-                       "on the CPU in sample_path, transfers)")
+                       "in the loop, transfers)")
     cpu = [e for e in avgs if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
     out["cpu_ops"] = _top(cpu, "self_cpu_time_total", steps, 8 if dev.type == "cuda" else 12)
     return out
@@ -558,12 +578,18 @@ def format_table(r: dict) -> str:
     lines = [f"gpu_check on {env['device_name']} ({env['device']}) | torch {env['torch']} | CUDA {env['cuda']} | "
              + (f"bf16 dense peak {p:g} TFLOP/s ({peak['source']})" if p else "bf16 peak unknown: MFU not computed")]
     if r.get("quick"):
-        lines.append("QUICK RUN: tiny widths, not the real shapes")
+        lines.append("QUICK RUN: tiny widths, not the real shapes (but the host time per step: real shapes)")
     sd = r.get("sdpa", {})
     if "backend" in sd:
         ok = ", ".join(k for k, v in sd["available"].items() if v is True)
         lines.append(f"SDPA backend: {sd['backend']} (profiler op names); backends that accept the shapes: {ok}")
     s = r["shapes"]
+    if "rows" in r.get("host", {}):
+        from host_time import format_host
+
+        lines += [""] + format_host(r["host"])
+    elif r.get("host"):
+        lines.append(f"host time: {r['host'].get('skipped') or 'failed: ' + r['host'].get('error', '?')[:200]}")
     lines += ["", f"training step, bf16 autocast, clip_denoising N = {s['tokens']}, "
                   f"{s['input_dim']} <- {s['cond_dim']}; medians",
               f"{'preset':<7}{'compile':>8}{'batch':>6}{'params':>9}{'step ms':>10}{'samples/s':>11}{'tokens/s':>11}"
@@ -577,6 +603,8 @@ def format_table(r: dict) -> str:
         lines.append(f"{head}{t['batch']:>6}{t['params_m']:>8.1f}M{t['step_s'] * 1e3:>10.1f}{t['samples_per_s']:>11.1f}"
                      f"{t['tokens_per_s']:>11.0f}{t['flops_per_step'] / 1e9:>12.3g}{t['achieved_tflops']:>9.3g}"
                      f"{mfu:>7}{t['sample_path_s'] * 1e3:>10.1f}{t['peak_memory_gib']:>10.2f}")
+    if r.get("train"):
+        lines.append("(noise ms: one batch's noise drawn with per-sample seeds, as a loader worker does)")
     tg = r.get("target", {})
     if tg:
         lines.append(f"target: MFU >= {tg['mfu']:.0%} at {tg['preset']} with compile: {tg['verdict']}")
@@ -668,9 +696,11 @@ def main(argv=None):
     r["shapes"] = {"task_mode": "clip_denoising", **{k: ck.shapes[k] for k in ("tokens", "input_dim", "cond_dim")}}
     r["compile_requested"] = compile_on
     r["mfu_formula"] = "flops_per_step / step_s / (bf16_dense_tflops * 1e12)"
-    r["train_step"] = ("sample_path (per-sample seeds, noise drawn on the CPU as in train.py) + forward under bf16 "
+    r["train_step"] = ("path from noise drawn ahead as train.py's loader workers do + forward under bf16 "
                        "autocast + flow_loss + backward + fused AdamW step; no grad clipping, EMA or data loading")
     r["sdpa"] = ck.part("sdpa", NEED_S["sdpa"], sdpa_part, ck)
+    ck.save()
+    r["host"] = ck.part("host", NEED_S["host"], host_part, ck)
     ck.save()
     r["train"], r["generation"] = [], {}
     for preset in args.presets:

@@ -16,12 +16,12 @@ from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(args, nproc=1):
+def run(args, nproc=1, script=ROOT / "train_universal_denoising.py"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "train_universal_denoising.py")]
+    cmd = [sys.executable, str(script)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train_universal_denoising.py")]
+               str(script)]
     r = subprocess.run(cmd + args, capture_output=True, text=True, env=env, timeout=300)
     if r.returncode != 0 and nproc > 1:
         # A multi-process launch on a shared CI machine can fail to start (rendezvous, ports).

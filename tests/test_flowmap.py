@@ -158,8 +158,8 @@ def train_toy(share, steps=800, seed=0):
         path = PathSample(x, x, x, t, rotation_velocity(x.double(), t).float())
         two_d = None
         if share:
-            path, two_d = flow_map_targets(net, path, None, None, list(range(step * 128, step * 128 + 128)), cfg,
-                                           nullcontext())
+            jumps = draw_consistency(list(range(step * 128, step * 128 + 128)), t, cfg.flow_map_share, 1 / 8)
+            path, two_d = flow_map_targets(net, path, None, None, jumps, cfg, nullcontext())
         loss, _ = flow_loss(net(path.x_t, path.t, step_size=two_d), path, fcfg)
         opt.zero_grad()
         loss.backward()

@@ -132,7 +132,7 @@ def test_time_guard_skips_and_records(tmp_path):
     r = run_script(out, "--time_budget", "0", "--presets", "base")
     rep = json.loads(out.read_text())
     skipped = {s["part"] for s in rep["skipped"]}
-    assert skipped == {"sdpa", "train base eager", "generation base", "evaluate"}, skipped
+    assert skipped == {"sdpa", "host", "train base eager", "generation base", "evaluate"}, skipped
     assert all("time guard" in s["reason"] for s in rep["skipped"])
     assert "skipped" in rep["sdpa"] and "skipped" in rep["evaluate"] and not measured(rep)
     assert "skipped train base eager: time guard" in r.stdout
@@ -149,3 +149,46 @@ def test_peak_table(gpu_check_module):
     assert peak("Tesla T4") is None and peak("NVIDIA H100 NVL") is None
     info = gpu_check_module.peak_info(torch.device("cuda"), "Tesla T4", None)
     assert info["bf16_dense_tflops"] is None and "unknown" in info["note"]
+
+
+def test_host_time_per_step_beside_the_device_step(quick, gpu_check_module):
+    """The host part, at the base preset's real shapes even in the quick run: the device step at 40% MFU
+    follows from the counted FLOPs and the peak; with noise drawn in the loader's workers the main process
+    draws nothing, and each share is host time over that step."""
+    r, stdout = quick
+    h = r["host"]
+    s = h["shapes"]
+    assert (s["tokens"], s["input_dim"], s["cond_dim"], s["batch"]) == (256, 1024, 4096, 64)
+    assert h["peak_tflops"] == PEAK and h["preset"] == "base"
+    assert h["step_s_at_40pct_mfu"] == pytest.approx(h["flops_per_step"] / (0.4 * PEAK * 1e12), rel=1e-12)
+    assert 7e12 < h["flops_per_step"] < 1e13  # about 6 x 64 x 256 tokens x 86M parameters, plus attention
+    old, new = h["rows"]["main_process_noise"], h["rows"]["loader_noise"]
+    assert old["workers"] == 0 and new["workers"] >= 2
+    assert old["draw_randomness_s"] > 0 and new["draw_randomness_s"] < old["draw_randomness_s"] / 100
+    for row in (old, new):
+        assert row["share_of_step"] == pytest.approx(row["host_s"] / h["step_s_at_40pct_mfu"])
+        assert row["main_process_work_s"] == pytest.approx(row["draw_randomness_s"] + row["issue_copies_s"])
+    assert h["bytes_to_device_per_step"] == 64 * 256 * (2 * 1024 + 4096) * 4 + 64 * 13
+    assert "host time per training step in the main process" in stdout and "loader workers" in stdout
+
+
+def test_flops_on_the_meta_device_match_a_cpu_count_plus_attention(gpu_check_module):
+    """The host part counts FLOPs on the meta device (no memory, no time); on the CPU the same step counts
+    the same matmuls, but not attention (the CPU's SDPA kernel is not in FlopCounterMode's registry)."""
+    from host_time import step_flops
+
+    from blip3o_denoise.model import config_from_preset
+
+    shapes = dict(tokens=16, input_dim=32, cond_dim=64, batch=3)
+    over = gpu_check_module.QUICK_OVERRIDES["base"]
+    meta = step_flops("base", shapes, over)
+    cfg = config_from_preset("base", 32, 64, **over)
+    torch.manual_seed(0)
+    model = UniversalDiT(cfg)
+    x, cond = torch.randn(3, 16, 32), torch.randn(3, 16, 64)
+    with FlopCounterMode(display=False) as fc:
+        path = sample_path(x, FlowConfig(), torch.Generator().manual_seed(0))
+        flow_loss(model(path.x_t, path.t, cond), path, FlowConfig())[0].backward()
+    # attention: q k^T and p v, each 2 b h n^2 d FLOPs forward and twice that backward, in every block
+    attention = 3 * 2 * (2 * 3 * 16 * 16 * cfg.hidden_size) * cfg.depth
+    assert meta == fc.get_total_flops() + attention

@@ -485,7 +485,7 @@ def test_config_file_type_errors_name_the_key_and_file(tmp_path, capsys, suffix,
     ("--ema_decay", "-0.1"), ("--max_grad_norm", "-1"), ("--warmup_steps", "-1"), ("--keep_checkpoints", "-1"),
     ("--holdout_fraction", "1.0"), ("--holdout_fraction", "-0.1"),
     ("--cond_dropout", "1.0"), ("--cond_dropout", "-0.5"),
-    ("--num_workers", "-1"), ("--eval_every_n_steps", "-1"), ("--save_every_n_steps", "-1"),
+    ("--num_workers", "-2"), ("--eval_every_n_steps", "-1"), ("--save_every_n_steps", "-1"),
     ("--log_every_n_steps", "-1"), ("--log_every_n_steps", "0"), ("--learning_rate", "nan"), ("--weight_decay", "-0.1"),
     ("--min_lr_ratio", "1.5"), ("--max_bad_steps", "0"),
 ])

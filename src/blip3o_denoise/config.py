@@ -53,7 +53,8 @@ class TrainConfig:
     eval_every_n_steps: int = opt(500, "held-out evaluation period in steps (0 = only at the end)")
     save_every_n_steps: int = opt(1000, "checkpoint period in steps (a checkpoint is always written at the end)")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (0 = keep them all)")
-    num_workers: int = opt(0, "DataLoader worker processes")
+    num_workers: int = opt(-1, "DataLoader worker processes per process; they collate batches and draw each "
+                               "sample's noise (-1: auto, 0 on a CPU, min(8, CPU cores per process - 1) on a GPU)")
     precision: str = opt("fp32", "fp32 or bf16 (autocast; fp32 master weights; RMSNorm in fp32)")
     conditioning: str = opt("aligned", "aligned (add projected condition token-wise), cross_attention, or both")
     cond_dropout: float = opt(0.0, "probability in [0, 1) of training with the null condition (enables classifier-"
@@ -131,7 +132,9 @@ class TrainConfig:
         for name in ("eval_samples", "log_every_n_steps", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "keep_checkpoints", "num_workers", "eval_every_n_steps",
+        if self.num_workers < -1:
+            raise ValueError(f"--num_workers: expected >= 0, or -1 for auto, got {self.num_workers}")
+        for name in ("max_steps", "warmup_steps", "keep_checkpoints", "eval_every_n_steps",
                      "save_every_n_steps", "overfit_test_size", "max_shards", "hidden_size", "depth", "num_heads",
                      "num_kv_heads", "max_grad_norm", "weight_decay"):
             if getattr(self, name) < 0:

@@ -63,13 +63,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """``flag`` and-ed over the processes (collective), so that every rank skips the same steps."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor(0.0 if flag else 1.0, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t == 0)
+def all_ranks_max(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise max of ``t`` over the processes (collective, on the device: the host does not wait)."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:

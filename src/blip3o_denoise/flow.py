@@ -119,6 +119,28 @@ def sample_noise(shape, generator: torch.Generator | None = None, device=None, d
     return sphere.normalize(eps).to(device)
 
 
+def draw_sample(seed: int, shape, cfg: FlowConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's noise level ``s [1]`` and noise ``x0 [*shape]``, drawn on the CPU from its own seed.
+
+    The level is drawn first, then the noise, from one generator: what a sample gets depends only on
+    its seed, never on the batch, process or device it lands in. Training draws these in the data
+    loader's workers (:class:`~blip3o_denoise.data.noise.NoiseCollate`)."""
+    g = torch.Generator().manual_seed(int(seed))
+    level = sample_noise_level(1, cfg, g)
+    return level, sample_noise(shape, g)
+
+
+def path_from(target: torch.Tensor, x0: torch.Tensor, noise_level: torch.Tensor, cfg: FlowConfig) -> PathSample:
+    """The path point of ``target [B, N, D]`` for given noise ``x0`` (on the sphere) and levels ``s [B]``."""
+    x1 = sphere.normalize(target.float())
+    x0 = x0.to(target.device)
+    t = 1.0 - noise_level.to(device=target.device, dtype=torch.float32)
+    if cfg.path == "euclidean":
+        tb = sphere.broadcast_time(t, x1)
+        return PathSample(x0, x1, (1.0 - tb) * x0 + tb * x1, t, x1 - x0)
+    return PathSample(x0, x1, sphere.slerp(x0, x1, t), t, sphere.slerp_velocity(x0, x1, t))
+
+
 def sample_path(
     target: torch.Tensor,
     cfg: FlowConfig,
@@ -129,26 +151,21 @@ def sample_path(
     """Draw noise and a time for each sample of ``target [B, N, D]`` and return the path point.
 
     Random draws are made on the CPU (so runs repeat across devices) and moved to ``target``'s
-    device: from ``generator``, or, with ``sample_seeds [B]``, from one generator per sample, so
-    a sample's noise does not depend on which batch or process it lands in.
+    device: from ``generator``, or, with ``sample_seeds [B]``, from one generator per sample
+    (:func:`draw_sample`), so a sample's noise does not depend on which batch or process it lands in.
     """
-    b = target.shape[0]
-    x1 = sphere.normalize(target.float())
-    if sample_seeds is not None:
-        gens = [torch.Generator().manual_seed(int(seed)) for seed in sample_seeds]
-        if noise_level is None:
-            noise_level = torch.cat([sample_noise_level(1, cfg, g) for g in gens])
-        x0 = torch.stack([sample_noise(target.shape[1:], g) for g in gens]).to(target.device)
+    if sample_seeds is not None and noise_level is None:
+        draws = [draw_sample(seed, target.shape[1:], cfg) for seed in sample_seeds]
+        noise_level = torch.cat([level for level, _ in draws])
+        x0 = torch.stack([x for _, x in draws])
+    elif sample_seeds is not None:
+        x0 = torch.stack([sample_noise(target.shape[1:], torch.Generator().manual_seed(int(seed)))
+                          for seed in sample_seeds])
     else:
         if noise_level is None:
-            noise_level = sample_noise_level(b, cfg, generator)
-        x0 = sample_noise(target.shape, generator, device=target.device)
-    s = noise_level.to(device=target.device, dtype=torch.float32)
-    t = 1.0 - s
-    if cfg.path == "euclidean":
-        tb = sphere.broadcast_time(t, x1)
-        return PathSample(x0, x1, (1.0 - tb) * x0 + tb * x1, t, x1 - x0)
-    return PathSample(x0, x1, sphere.slerp(x0, x1, t), t, sphere.slerp_velocity(x0, x1, t))
+            noise_level = sample_noise_level(target.shape[0], cfg, generator)
+        x0 = sample_noise(target.shape, generator)
+    return path_from(target, x0, noise_level, cfg)
 
 
 def sample_seed(run_seed: int, epoch: int, index: int) -> int:

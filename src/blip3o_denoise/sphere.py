@@ -79,6 +79,12 @@ def _fallback_direction(x: torch.Tensor) -> torch.Tensor:
     return normalize(project_tangent(x, e))
 
 
+def host_reads_are_free(x: torch.Tensor) -> bool:
+    """Whether reading a value of ``x`` into Python costs nothing more than the read (a CPU tensor),
+    rather than a wait for the device to finish its queued work."""
+    return x.device.type == "cpu"
+
+
 def _angle_and_direction(x0: torch.Tensor, x1: torch.Tensor):
     """Angle ``theta [..., 1]`` between unit tokens and the unit tangent ``u`` at ``x0`` toward ``x1``.
 
@@ -93,7 +99,10 @@ def _angle_and_direction(x0: torch.Tensor, x1: torch.Tensor):
     degenerate = w_norm <= _ANTIPODAL_EPS
     u = w / w_norm.clamp_min(_NORM_EPS)
     antipodal = degenerate & (c < 0)
-    if bool(antipodal.any()):
+    # Asking whether any pair is antipodal reads a value back from the device, which on an accelerator
+    # stalls the host (in training, at every path and loss): there the fallback is always computed and
+    # selected on the device instead (the same numbers: ``where`` keeps ``u`` wherever no pair is antipodal).
+    if not host_reads_are_free(x0) or bool(antipodal.any()):
         u = torch.where(antipodal, _fallback_direction(x0), u)
     return theta, u
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,18 +23,36 @@ from .checkpoint import (
 )
 from .config import TrainConfig, auto_learning_rate
 from .data.dataset import PairDataset, split_indices
+from .data.noise import NoiseCollate
 from .data.remote import default_cache_dir, open_dataset, storage_options, streaming_loader, streaming_train_set
 from .distributed import (
-    ResumableSampler, all_ranks_true, barrier, full_model_state, full_optimizer_state, gradient_sync, is_fsdp,
+    ResumableSampler, all_ranks_max, barrier, full_model_state, full_optimizer_state, gradient_sync, is_fsdp,
     is_main, process_group, resolve_device, shard, unwrap, world, wrap_for_training,
 )
 from .evaluate import Baselines, EvalConfig, evaluate, evaluation_cost, fit_baselines, format_results
-from .flow import PathSample, flow_loss, prediction_to_velocity, sample_path, sample_seed
-from .flowmap import consistency_target, draw_consistency
+from .flow import PathSample, flow_loss, path_from, prediction_to_velocity
+from .flowmap import consistency_target
 from .model import UniversalDiT, config_from_preset
 from .report import TrainingError, TrainLog
 
 __all__ = ["TrainConfig", "TrainingError", "build", "train", "checkpoint_dirs", "lr_lambda"]
+
+# Loader workers per process on a GPU when --num_workers is left at -1 (auto): each worker collates whole
+# batches and draws their noise (about 160 ms of CPU per batch of 64 at the base preset's shapes, the
+# device step about 21 ms at 40% MFU on an H100: benchmarks/host_time.py), bounded by the cores per process.
+MAX_AUTO_WORKERS = 8
+
+
+def resolve_workers(requested: int, device: torch.device) -> int:
+    """--num_workers, or for -1: none on a CPU (the workers would take the cores the model computes on);
+    on a GPU ``min(8, cores per local process - 1)``, at least 1."""
+    if requested >= 0:
+        return requested
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_AUTO_WORKERS, cores // max(1, local) - 1))
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -60,6 +79,23 @@ def ema_multi_avg_fn(decay: float):
     return update
 
 
+@torch.no_grad()
+def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float) -> None:
+    """``ema.update_parameters(model)`` with :func:`ema_multi_avg_fn`, the same numbers, without waiting
+    for the device: torch's version copies its update count (a CPU tensor) to the device with a blocking
+    copy and the update function reads it back; here the count is read on the host, where it lives."""
+    n = int(ema.n_averaged)  # a CPU tensor (AveragedModel's buffer is created on the CPU and stays there)
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if n == 0:
+        for a, b in zip(ema_params, params, strict=True):
+            a.copy_(b)
+    else:
+        ema_multi_avg_fn(decay)(ema_params, params, n)
+    for b_ema, b in zip(ema.module.buffers(), model.buffers(), strict=True):
+        b_ema.copy_(b)
+    ema.n_averaged += 1
+
+
 # ----------------------------------------------------------------------------- building
 
 
@@ -80,6 +116,8 @@ class Run:
     run_config: dict = field(default_factory=dict)
     light_baselines: Baselines | None = None
     stream: object = None  # a converted (LitData) dataset: its StreamingDataLoader, whose state resumes
+    noise: NoiseCollate | None = None  # the loaders' collate: each sample's noise, drawn in the workers
+    num_workers: int = 0
 
 
 @dataclass
@@ -188,8 +226,11 @@ def build(cfg: TrainConfig) -> Run:
         lr=cfg.learning_rate, betas=(0.9, 0.95), fused=fused,
     )
     sampler = stream = None
+    workers = resolve_workers(cfg.num_workers, device)
+    noise = NoiseCollate(cfg.flow_config(), cfg.seed, cfg.cond_dropout, flow_map_share=cfg.flow_map_share,
+                         flow_map_min_step=cfg.flow_map_min_step)
     if data.stream is not None:  # LitData: whole batches, equal on every rank (drop_last)
-        stream = streaming_loader(data.stream, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
+        stream = make_stream_loader(data.stream, cfg.batch_size, workers, device, noise)
         micro_per_epoch = len(stream)
     else:
         sampler = ResumableSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
@@ -218,7 +259,7 @@ def build(cfg: TrainConfig) -> Run:
         },
     }
     return Run(cfg, device, train_set, data.eval, data.overfit, model, ema, optimizer, scheduler, sampler,
-               steps_per_epoch, total_steps, run_config, stream=stream)
+               steps_per_epoch, total_steps, run_config, stream=stream, noise=noise, num_workers=workers)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -325,17 +366,15 @@ def _train(cfg: TrainConfig) -> dict:
     model.train()
     while pos.step < run.total_steps:
         for batches in epoch_steps(run, pos):
-            parts, finite, last, samples = forward_backward(run, model, batches, pos.epoch, autocast)
+            step = train_step(run, model, batches, pos.epoch, autocast)
             pos.batch_in_epoch += len(batches)
-            log.samples += samples
-            diag = _diagnostics(run.model, *last, cfg.flow_config()) if cfg.debug_mode and main else None
-            grad_norm = clip_gradients(run)
-            if not finite or not bool(torch.isfinite(grad_norm)):
-                bad_in_a_row = skip_step(run, pos, bad_in_a_row + 1, "loss" if not finite else "gradient", log.say)
+            log.samples += step.samples
+            if step.problem:
+                bad_in_a_row = skip_step(run, pos, bad_in_a_row + 1, step.problem, log.say)
                 continue
-            bad_in_a_row, lr = 0, optimizer_step(run)
+            bad_in_a_row = 0
             pos.step += 1
-            log.step(pos.step, pos.epoch, parts, grad_norm, lr, pos.skipped_nonfinite, diag)
+            log.step(pos.step, pos.epoch, step.parts, step.grad_norm, step.lr, pos.skipped_nonfinite, step.diag)
             if pos.step >= run.total_steps:
                 break
             if cfg.eval_every_n_steps and pos.step % cfg.eval_every_n_steps == 0:
@@ -366,6 +405,7 @@ def epoch_steps(run: Run, pos: Position):
     ``gradient_accumulation_steps`` micro-batches. An epoch is a whole number of optimizer steps: leftover
     micro-batches that cannot fill a step are dropped for that epoch (the next one reshuffles)."""
     cfg, accum = run.cfg, run.cfg.gradient_accumulation_steps
+    run.noise.epoch = pos.epoch  # before the loader's iterator (and its workers) exist
     if run.stream is not None:
         loader = run.stream  # resumed: its loaded state continues the epoch
         if not loader.restore:
@@ -375,11 +415,8 @@ def epoch_steps(run: Run, pos: Position):
     else:
         run.sampler.set_epoch(pos.epoch)
         run.sampler.skip = pos.batch_in_epoch * cfg.batch_size
-        # The loader gets its own generator: creating an iterator must not draw from the global RNG,
-        # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one.
-        loader = DataLoader(run.train_set, batch_size=cfg.batch_size, sampler=run.sampler,
-                            num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda", drop_last=False,
-                            persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed + pos.epoch))
+        loader = make_loader(run.train_set, cfg.batch_size, run.sampler, run.num_workers, run.device, run.noise,
+                             cfg.seed + pos.epoch)
     left, group = run.steps_per_epoch * accum - pos.batch_in_epoch, []
     for batch in loader:
         if left == 0:
@@ -393,46 +430,67 @@ def epoch_steps(run: Run, pos: Position):
             group = []
 
 
+def make_loader(dataset, batch_size: int, sampler, num_workers: int, device: torch.device, collate: NoiseCollate,
+                seed: int) -> DataLoader:
+    """The training loader: workers collate batches and draw each sample's noise (``collate``); batches are
+    in pinned memory when (and only when) the device is CUDA, so they are copied without blocking."""
+    # The loader gets its own generator: creating an iterator must not draw from the global RNG,
+    # or a resumed run (which creates one mid-epoch) would diverge from an uninterrupted one.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, pin_memory=device.type == "cuda", drop_last=False,
+                      persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+
+
+def make_stream_loader(dataset, batch_size: int, num_workers: int, device: torch.device, collate: NoiseCollate):
+    """:func:`make_loader` for a converted (LitData) dataset: its resumable StreamingDataLoader."""
+    return streaming_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda", collate_fn=collate)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device``; from pinned memory the copies are queued, the host does not wait."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def forward_backward(run: Run, model, batches: list[dict], epoch: int, autocast):
     """Forward and backward of one optimizer step's micro-batches (gradients synchronised on the last).
 
-    Returns the step's mean ``[loss, mse, sphere_penalty]``, whether the loss was finite in every micro-batch
-    on every rank, the last micro-batch's ``(pred, path)`` and the number of samples.
+    Returns the step's mean ``[loss, mse, sphere_penalty]`` and whether some micro-batch's loss was not
+    finite on this rank (both tensors on the device: nothing is read back here), the last micro-batch's
+    ``(pred, path)`` and the number of samples. Each sample's noise, noise level and condition dropout
+    come with the batch, drawn in the loader from (seed, epoch, sample index): the same with 1 or 8
+    processes, any batch size or number of workers, and after a resume.
     """
     cfg, flow_cfg, accum = run.cfg, run.cfg.flow_config(), len(batches)
-    parts_sum, finite, samples = torch.zeros(3, device=run.device), True, 0
+    parts_sum, samples = torch.zeros(3, device=run.device), 0
+    bad = torch.zeros((), dtype=torch.bool, device=run.device)
     for k, batch in enumerate(batches):
-        target = batch["target"].to(run.device, non_blocking=True)
-        cond = batch["condition"].to(run.device, non_blocking=True)
-        # Noise, noise level and condition dropout of a sample depend only on (seed, epoch, sample
-        # index): the same with 1 or 8 processes, any batch size, and after a resume.
-        seeds = [sample_seed(cfg.seed, epoch, int(i)) for i in batch["index"]]
-        path = sample_path(target, flow_cfg, sample_seeds=seeds)
-        drop = condition_dropout(seeds, cfg.cond_dropout, run.device)
+        b = to_device(batch, run.device)
+        path = path_from(b["target"], b["noise"], b["noise_level"], flow_cfg)
         step_size = None
         if cfg.flow_map_share > 0:
-            path, step_size = flow_map_targets(model, path, cond, drop, seeds, cfg, autocast)
+            path, step_size = flow_map_targets(model, path, b["condition"], b.get("drop"), batch["step"], cfg,
+                                               autocast)
         with gradient_sync(model, cfg.fsdp, sync=k == accum - 1):
             with autocast:
-                pred = model(path.x_t, path.t, cond, drop_mask=drop, step_size=step_size)
+                pred = model(path.x_t, path.t, b["condition"], drop_mask=b.get("drop"), step_size=step_size)
             loss, parts = flow_loss(pred, path, flow_cfg)
             # A non-finite loss in any micro-batch drops the whole step. The backward pass still runs:
             # under DDP / FSDP every rank must take part in the gradient reduction.
-            finite = finite and bool(torch.isfinite(loss))
+            bad = bad | ~torch.isfinite(loss)
             (loss / accum).backward()
         parts_sum += torch.stack([loss.detach().float(), parts["mse"].float(), parts["sphere_penalty"].float()]) / accum
-        samples += target.shape[0]
-    return parts_sum, all_ranks_true(finite, run.device), (pred, path), samples
+        samples += b["target"].shape[0]
+    return parts_sum, bad, (pred, path), samples
 
 
-def flow_map_targets(model, path: PathSample, cond, drop, seeds: list[int], cfg: TrainConfig, autocast):
-    """The flow-map part of a step (flowmap.py): each sample draws whether it trains a jump ``2d`` and
-    which; for those, ``u_t`` is replaced by the self-consistency target ``w*`` (two chained jumps of
-    ``d``, no gradient). Returns the path with the mixed targets and the step sizes ``[B]`` (0: flow
-    matching), so the loss stays :func:`flow.flow_loss` on one forward of the whole batch."""
-    two_d = draw_consistency(seeds, path.t.cpu(), cfg.flow_map_share, cfg.flow_map_min_step)
-    idx = torch.nonzero(two_d > 0).flatten()
-    two_d = two_d.to(path.t.device)
+def flow_map_targets(model, path: PathSample, cond, drop, two_d: torch.Tensor, cfg: TrainConfig, autocast):
+    """The flow-map part of a step (flowmap.py): ``two_d [B]`` is the jump each sample trains (drawn
+    with its noise, :func:`flowmap.draw_consistency`; 0: flow matching). For those samples ``u_t`` is
+    replaced by the self-consistency target ``w*`` (two chained jumps of ``d``, no gradient). Returns
+    the path with the mixed targets and the step sizes on the device, so the loss stays
+    :func:`flow.flow_loss` on one forward of the whole batch."""
+    idx = torch.nonzero(two_d > 0).flatten()  # the loader's CPU tensor: no read from the device
+    two_d = two_d.to(path.t.device, non_blocking=True)
     if len(idx) == 0:
         return path, two_d
     idx_d = idx.to(path.t.device)
@@ -450,12 +508,33 @@ def flow_map_targets(model, path: PathSample, cond, drop, seeds: list[int], cfg:
     return replace(path, u_t=u), two_d
 
 
-def condition_dropout(seeds: list[int], p: float, device: torch.device) -> torch.Tensor | None:
-    """Which samples train with the null condition (a draw per sample seed), or None when ``p`` is 0."""
-    if p <= 0:
-        return None
-    return torch.tensor([float(torch.rand(1, generator=torch.Generator().manual_seed(sd ^ 0x5DEECE66D))) < p
-                         for sd in seeds], device=device)
+@dataclass
+class Step:
+    """What one optimizer step did: ``problem`` is None, or "loss" / "gradient" when it was skipped."""
+
+    parts: torch.Tensor
+    grad_norm: torch.Tensor
+    problem: str | None
+    lr: float
+    samples: int
+    diag: dict | None = None
+
+
+def train_step(run: Run, model, batches: list[dict], epoch: int, autocast) -> Step:
+    """Forward, backward, clipping and (unless a loss or the gradient is not finite) the update."""
+    parts, bad_loss, last, samples = forward_backward(run, model, batches, epoch, autocast)
+    diag = None
+    if run.cfg.debug_mode and is_main():
+        diag = _diagnostics(run.model, *last, run.cfg.flow_config())
+    grad_norm = clip_gradients(run)
+    flags = torch.stack([bad_loss, ~torch.isfinite(grad_norm)]).float()
+    # The step's one host-device synchronisation: the host must know whether the update is applied, to
+    # count steps, advance the schedule and the EMA, and stop after --max_bad_steps. Every rank decides
+    # the same (the MAX is reduced on the device; the gradient norm is already global).
+    bad_loss_any, bad_grad = all_ranks_max(flags).tolist()
+    if bad_loss_any or bad_grad:
+        return Step(parts, grad_norm, "loss" if bad_loss_any else "gradient", 0.0, samples, diag)
+    return Step(parts, grad_norm, None, optimizer_step(run), samples, diag)
 
 
 def clip_gradients(run: Run) -> torch.Tensor:
@@ -484,7 +563,7 @@ def optimizer_step(run: Run) -> float:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    run.ema.update_parameters(run.model)
+    update_ema(run.ema, run.model, run.cfg.ema_decay)
     return lr
 
 

@@ -1,0 +1,51 @@
+"""Each training sample's randomness, drawn where its batch is collated: in the loader's workers.
+
+A sample's noise, noise level and condition-dropout draw depend only on (run seed, epoch, sample
+index), through one generator per sample, so they are the same with any number of workers or
+processes, any batch size, and after a resume; drawing them in the workers keeps the main process
+(which feeds the device) free of work that grows with the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import default_collate
+
+from ..flow import FlowConfig, draw_sample, sample_seed
+from ..flowmap import draw_consistency
+
+# The condition-dropout draw uses its own generator, seeded apart from the noise's.
+DROPOUT_SALT = 0x5DEECE66D
+
+
+def condition_dropped(seed: int, p: float) -> bool:
+    """Whether the sample with this seed trains with the null condition (probability ``p``)."""
+    return float(torch.rand(1, generator=torch.Generator().manual_seed(seed ^ DROPOUT_SALT))) < p
+
+
+class NoiseCollate:
+    """``default_collate`` of ``{"target", "condition", "index"}`` items, plus the draws of each sample:
+    ``noise [B, N, D]`` (unit tokens), ``noise_level [B]``, when ``cond_dropout > 0`` ``drop [B]``, and
+    for a flow map (``flow_map_share > 0``) ``step [B]``: the jump each sample trains, 0 for flow matching.
+
+    Set :attr:`epoch` before the loader creates its iterator: worker processes take a copy then.
+    """
+
+    def __init__(self, flow: FlowConfig, seed: int, cond_dropout: float = 0.0, epoch: int = 0,
+                 flow_map_share: float = 0.0, flow_map_min_step: float = 1 / 128):
+        self.flow, self.seed, self.cond_dropout, self.epoch = flow, seed, cond_dropout, epoch
+        self.flow_map_share, self.flow_map_min_step = flow_map_share, flow_map_min_step
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = default_collate(items)
+        seeds = [sample_seed(self.seed, self.epoch, int(it["index"])) for it in items]
+        shape = batch["target"].shape[1:]
+        draws = [draw_sample(s, shape, self.flow) for s in seeds]
+        batch["noise_level"] = torch.cat([level for level, _ in draws])
+        batch["noise"] = torch.stack([x for _, x in draws])
+        if self.cond_dropout > 0:
+            batch["drop"] = torch.tensor([condition_dropped(s, self.cond_dropout) for s in seeds])
+        if self.flow_map_share > 0:
+            t = 1.0 - batch["noise_level"].float()  # the path's own t (flow.path_from)
+            batch["step"] = draw_consistency(seeds, t, self.flow_map_share, self.flow_map_min_step)
+        return batch
