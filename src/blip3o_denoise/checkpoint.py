@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
 from .distributed import load_full_model_state, load_full_state
+from .phases import record_phase
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "training_state.pt", "config.json")
 
@@ -256,6 +257,7 @@ def resume(out: Path, cfg: TrainConfig, run_config: dict, model, ema, optimizer,
     set_rng_state(st["rng"])
     if stream is not None:
         stream.load_state_dict(stream_state(st["stream"], stream, ck, say))
+    record_phase(saved_config, run_config, int(st["step"]))
     pos = Position(int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"]), int(st.get("skipped_nonfinite", 0)))
     skipped = f" (skipping {len(unreadable)} unreadable newer checkpoint(s))" if unreadable else ""
     say(f"resumed from {ck} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch_in_epoch}){skipped}")

@@ -8,6 +8,8 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from .lock import command_line, output_lock
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, its help text from the field; a bool that defaults to true
     gets ``--no_<name>``."""
@@ -88,8 +90,9 @@ def _eval_config(ns, den):
 def cmd_evaluate(ns) -> int:
     import time
 
-    from .data.dataset import keys_in_training, load_eval_split, refuse_nonfinite, training_split
+    from .data.dataset import load_eval_split, refuse_nonfinite, training_split
     from .evaluate import evaluate, fit_baselines, format_results, nonfinite_fields
+    from .phases import keys_trained_by_run, min_holdout_fraction, phase_opener
     from .pipeline import Denoiser
 
     started = time.time()
@@ -100,13 +103,14 @@ def cmd_evaluate(ns) -> int:
     batch = ds.stack()  # the held-out samples are read once, for every metric
     refuse_nonfinite(batch, ds, ("condition", "target"))
     train_set = training_split(cfg, ns.train_dir, **remote_options(ns))
-    in_training = keys_in_training(ds, train_set)
+    in_training = keys_trained_by_run(ds, cfg, train_set, phase_opener(cfg, ns.train_dir, **remote_options(ns)))
     if in_training and not ns.allow_train_samples:
+        run_frac = min_holdout_fraction(cfg)
         raise ValueError(
             f"{ns.chunked_embeddings_dir}: {len(in_training)} of the {len(ds)} evaluation samples were in the run's "
             f"training split (e.g. key {in_training[0]!r}; split '{ns.split}', holdout fraction "
-            f"{cfg['train']['holdout_fraction'] if ns.holdout_fraction is None else ns.holdout_fraction}, the run's "
-            f"{cfg['train']['holdout_fraction']}): their scores are not held-out scores. Evaluate the held-out split "
+            f"{run_frac if ns.holdout_fraction is None else ns.holdout_fraction}, the run's {run_frac}, the smallest "
+            "of its phases): their scores are not held-out scores. Evaluate the held-out split "
             "(--split heldout, the run's --holdout_fraction) or another directory, or pass --allow_train_samples to "
             "score them anyway, labelled as not held out"
         )
@@ -186,7 +190,8 @@ def cmd_extract(ns) -> int:
                         shard_size=ns.shard_size, trust_remote_code=ns.trust_remote_code, max_images=ns.max_images,
                         progress=not ns.no_progress)
     try:
-        s = extract(cfg)
+        with output_lock(ns.output, command_line()):
+            s = extract(cfg)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -211,8 +216,9 @@ def cmd_convert(ns) -> int:
 
     if is_remote(ns.dst):
         raise ValueError(f"{ns.dst}: the store is written to a local directory; --format litdata writes to s3://")
-    m = convert(ns.src, ns.dst, dtype=ns.dtype, chunk=16 if ns.chunk is None else ns.chunk,
-                max_shards=ns.max_shards or None, progress=not ns.no_progress, ignore_manifest=ns.ignore_manifest)
+    with output_lock(ns.dst, command_line()):
+        m = convert(ns.src, ns.dst, dtype=ns.dtype, chunk=16 if ns.chunk is None else ns.chunk,
+                    max_shards=ns.max_shards or None, progress=not ns.no_progress, ignore_manifest=ns.ignore_manifest)
     print(f"{ns.dst}: {m['total_samples']} samples in {len(m['shards'])} shards ({m['dtype']}, N={m['tokens']}, "
           f"clip {m['clip_dim']}, eva {m['eva_dim']})")
     return 0
@@ -220,15 +226,16 @@ def cmd_convert(ns) -> int:
 
 def _convert_litdata(ns) -> int:
     from .data.dataset import Embeddings
-    from .data.remote import storage_options, write_engine_dataset
+    from .data.remote import is_remote, storage_options, write_engine_dataset
 
     # what the store path checks too: a seed directory whose manifest disagrees with its shards
     Embeddings(ns.src, ns.max_shards or None, check_manifest=not ns.ignore_manifest)
     holdout = 0.05 if ns.holdout_fraction is None else ns.holdout_fraction
     chunk = 16 if ns.chunk_samples is None else ns.chunk_samples
-    m = write_engine_dataset(ns.src, ns.dst, holdout_fraction=holdout, dtype=ns.dtype, chunk_samples=chunk,
-                             storage_options=storage_options(ns.endpoint_url or ""), max_shards=ns.max_shards or None,
-                             progress=not ns.no_progress)
+    with output_lock(ns.dst, command_line(), enabled=not is_remote(ns.dst)):
+        m = write_engine_dataset(ns.src, ns.dst, holdout_fraction=holdout, dtype=ns.dtype, chunk_samples=chunk,
+                                 storage_options=storage_options(ns.endpoint_url or ""),
+                                 max_shards=ns.max_shards or None, progress=not ns.no_progress)
     parts = m["parts"]
     print(f"{ns.dst}: {m['total_samples']} samples in LitData chunks of {m['chunk_samples']} "
           f"(train/ {parts['train']['samples']}, eval/ {parts['eval']['samples']} held out at holdout_fraction "
@@ -263,7 +270,8 @@ def cmd_make_synthetic(ns) -> int:
 
     spec = SyntheticSpec(num_samples=ns.num_samples, eva_dim=ns.eva_dim, clip_dim=ns.clip_dim, tokens=ns.tokens,
                          num_shards=ns.num_shards, seed=ns.seed, target_noise=ns.target_noise)
-    make_synthetic(ns.out, spec, progress=True)
+    with output_lock(ns.out, command_line()):
+        make_synthetic(ns.out, spec, progress=True)
     print(f"{ns.out}: {spec.num_samples} samples, N={spec.tokens}, eva {spec.eva_dim}, clip {spec.clip_dim}; "
           f"best achievable point cosine {spec.best_point_cosine:.4f}")
     return 0

@@ -97,7 +97,8 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 
 def run_sweep(ns) -> dict:
-    from .data.dataset import keys_in_training, load_eval_split, training_split
+    from .data.dataset import load_eval_split, training_split
+    from .phases import keys_trained_by_run, phase_opener
     from .pipeline import Denoiser
 
     started = time.time()
@@ -119,7 +120,7 @@ def run_sweep(ns) -> dict:
     ds = load_eval_split(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.num_samples, **remote)
     batch = ds.stack()
     train_set = training_split(den.config, "", **remote)
-    in_training = keys_in_training(ds, train_set)
+    in_training = keys_trained_by_run(ds, den.config, train_set, phase_opener(den.config, "", **remote))
     if in_training and not ns.allow_train_samples:
         raise ValueError(
             f"{ns.chunked_embeddings_dir}: {len(in_training)} of the {len(ds)} sweep samples were in the run's "

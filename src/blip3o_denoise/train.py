@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,9 @@ from .distributed import (
 )
 from .evaluate import Baselines, EvalConfig, evaluate, evaluation_cost, fit_baselines, format_results
 from .flow import flow_loss, sample_path, sample_seed
+from .lock import acquire, command_line, release
 from .model import UniversalDiT, config_from_preset
+from .phases import earlier_trained_keys, phase_of
 from .report import TrainingError, TrainLog
 
 __all__ = ["TrainConfig", "TrainingError", "build", "train", "checkpoint_dirs", "lr_lambda"]
@@ -212,6 +214,7 @@ def build(cfg: TrainConfig) -> Run:
             "format": data.format, "num_train": len(train_set), "num_heldout": data.num_heldout,
         },
     }
+    run_config["train_phases"] = [phase_of(run_config["train"])]
     return Run(cfg, device, train_set, data.eval, data.overfit, model, ema, optimizer, scheduler, sampler,
                steps_per_epoch, total_steps, run_config, stream=stream)
 
@@ -296,9 +299,27 @@ def overfit_check(run: Run, model) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; return the final evaluation (also written to OUTPUT/results.json)."""
-    resolve_device(cfg.device)  # a device this machine lacks is refused before anything starts
-    with process_group(cfg.device):
+    device = resolve_device(cfg.device)  # a device this machine lacks is refused before anything starts
+    with process_group(cfg.device), one_writer(cfg.output_dir, device):
         return _train(cfg)
+
+
+@contextmanager
+def one_writer(output_dir: str, device: torch.device):
+    """Rank 0 holds the output directory's lock for the run; every rank stops if it cannot (collective)."""
+    held, err = None, None
+    if is_main():
+        try:
+            held = acquire(output_dir, command_line())
+        except FileExistsError as e:
+            err = e
+    try:
+        if not all_ranks_true(err is None, device):
+            raise err or FileExistsError(f"{output_dir}: rank 0 could not lock the output directory")
+        yield
+    finally:
+        if held is not None:
+            release(*held)
 
 
 def _train(cfg: TrainConfig) -> dict:
@@ -348,12 +369,38 @@ def start_position(run: Run, out: Path, say) -> Position:
     """Step 0, or where the newest intact checkpoint left off (--resume); a fresh run refuses a directory
     that holds an earlier run's checkpoints."""
     if run.cfg.resume:
-        return resume(out, run.cfg, run.run_config, run.model, run.ema, run.optimizer, run.scheduler, say,
-                      stream=run.stream)
+        pos = resume(out, run.cfg, run.run_config, run.model, run.ema, run.optimizer, run.scheduler, say,
+                     stream=run.stream)
+        drop_earlier_training_samples(run, say)
+        return pos
     if is_main() and checkpoint_dirs(out):
         raise FileExistsError(f"{out}: holds checkpoints from an earlier run; pass --resume to continue it or "
                               "choose a new --output_dir")
     return Position()
+
+
+def drop_earlier_training_samples(run: Run, say) -> None:
+    """After a resume that changed the split: held-out samples that an earlier phase trained on leave the
+    evaluation set (they are training samples for good)."""
+    ev = run.eval_set
+    keys = [ev.emb.keys[i] for i in ev.indices]
+
+    def open_dir(path, max_shards):
+        try:
+            return open_dataset(path, max_shards, **remote_options(run.cfg))
+        except (OSError, ValueError):
+            return None
+
+    trained = earlier_trained_keys(run.run_config, keys, run.train_set.emb, open_dir)
+    if not trained:
+        return
+    ev.indices = [i for i, k in zip(ev.indices, keys) if k not in trained]
+    if not ev.indices:
+        raise ValueError(f"--holdout_fraction {run.cfg.holdout_fraction}: every held-out sample was trained on in an "
+                         "earlier phase of this run (before a resume with another split); nothing is left to "
+                         "evaluate: resume with the earlier split or pass --eval_dir")
+    say(f"note: {len(trained)} held-out samples were trained on before this resume changed the split; they are "
+        f"not evaluated ({len(ev.indices)} left)")
 
 
 def epoch_steps(run: Run, pos: Position):
