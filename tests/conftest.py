@@ -35,3 +35,19 @@ def moto_s3_server():
     finally:
         requests.post(f"{endpoint}/moto-api/reset", timeout=30)
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(data directory, run directory) of a one-step micro model trained to noise level 1 on 24 synthetic samples
+    (holdout 0.3)."""
+    from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
+    from blip3o_denoise.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = root / "d"
+    make_synthetic(data, SyntheticSpec(num_samples=24, eva_dim=16, clip_dim=8, tokens=16))
+    train(TrainConfig(chunked_embeddings_dir=str(data), output_dir=str(root / "run"), model_size="micro", batch_size=8,
+                      max_steps=1, warmup_steps=1, eval_every_n_steps=0, save_every_n_steps=0, num_inference_steps=2,
+                      holdout_fraction=0.3, eval_samples=4, max_noise_level=1.0, progress=False))
+    return data, root / "run"

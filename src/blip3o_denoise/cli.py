@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from .checks import check_guidance, check_options, write_atomically
 from .lock import command_line, output_lock
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,12 +99,17 @@ def cmd_evaluate(ns) -> int:
 
     started = time.time()
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
+    check_guidance(ns.guidance, den.model.cfg, ns.checkpoint)
     cfg = den.config
     ds = load_eval_split(cfg, ns.chunked_embeddings_dir, ns.split, ns.holdout_fraction, ns.num_samples,
                          **remote_options(ns))
     batch = ds.stack()  # the held-out samples are read once, for every metric
     refuse_nonfinite(batch, ds, ("condition", "target"))
     train_set = training_split(cfg, ns.train_dir, **remote_options(ns))
+    if train_set is not None and (train_set.target_dim, train_set.cond_dim) != (ds.target_dim, ds.cond_dim):
+        raise ValueError(f"--train_dir {ns.train_dir or cfg['train']['chunked_embeddings_dir']}: target width "
+                         f"{train_set.target_dim} and condition width {train_set.cond_dim}; the run and "
+                         f"{ns.chunked_embeddings_dir} have {ds.target_dim} and {ds.cond_dim}: not this run's data")
     in_training = keys_trained_by_run(ds, cfg, train_set, phase_opener(cfg, ns.train_dir, **remote_options(ns)))
     if in_training and not ns.allow_train_samples:
         run_frac = min_holdout_fraction(cfg)
@@ -140,8 +147,7 @@ def cmd_evaluate(ns) -> int:
         print("held out: not checked (the run's training data is not here; --train_dir)")
     print(f"evaluation took {result['total_seconds']:.1f} s ({result['seconds']:.1f} s sampling and metrics)")
     if ns.output:
-        Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.output).write_text(json.dumps(result, indent=2))
+        write_atomically(ns.output, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         print(f"wrote {ns.output}")
     return 0
 
@@ -161,6 +167,7 @@ def cmd_generate(ns) -> int:
     from .pipeline import Denoiser
 
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
+    check_guidance(ns.guidance, den.model.cfg, ns.checkpoint)
     ds = load_eval_split(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.max_samples, **remote_options(ns))
     outs, keys = [], []
     for i in range(0, len(ds), ns.batch_size):
@@ -173,9 +180,9 @@ def cmd_generate(ns) -> int:
                              "nothing written (a diverged checkpoint?)")
         keys += [ds.emb.keys[int(j)] for j in batch["index"]]
     out = Path(ns.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"embeddings": torch.cat(outs).contiguous()}, str(out),
-              metadata={"keys": json.dumps(keys), "task_mode": den.config["train"]["task_mode"]})
+    embeddings = torch.cat(outs).contiguous()
+    write_atomically(out, lambda tmp: save_file({"embeddings": embeddings}, str(tmp), metadata={
+        "keys": json.dumps(keys), "task_mode": den.config["train"]["task_mode"]}))
     print(f"wrote {len(keys)} generated samples to {out}")
     return 0
 
@@ -190,7 +197,7 @@ def cmd_extract(ns) -> int:
                         shard_size=ns.shard_size, trust_remote_code=ns.trust_remote_code, max_images=ns.max_images,
                         progress=not ns.no_progress)
     try:
-        with output_lock(ns.output, command_line()):
+        with output_lock(ns.output, command_line(), flag="--output"):
             s = extract(cfg)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -216,7 +223,7 @@ def cmd_convert(ns) -> int:
 
     if is_remote(ns.dst):
         raise ValueError(f"{ns.dst}: the store is written to a local directory; --format litdata writes to s3://")
-    with output_lock(ns.dst, command_line()):
+    with output_lock(ns.dst, command_line(), flag="dst"):
         m = convert(ns.src, ns.dst, dtype=ns.dtype, chunk=16 if ns.chunk is None else ns.chunk,
                     max_shards=ns.max_shards or None, progress=not ns.no_progress, ignore_manifest=ns.ignore_manifest)
     print(f"{ns.dst}: {m['total_samples']} samples in {len(m['shards'])} shards ({m['dtype']}, N={m['tokens']}, "
@@ -232,7 +239,7 @@ def _convert_litdata(ns) -> int:
     Embeddings(ns.src, ns.max_shards or None, check_manifest=not ns.ignore_manifest)
     holdout = 0.05 if ns.holdout_fraction is None else ns.holdout_fraction
     chunk = 16 if ns.chunk_samples is None else ns.chunk_samples
-    with output_lock(ns.dst, command_line(), enabled=not is_remote(ns.dst)):
+    with output_lock(ns.dst, command_line(), enabled=not is_remote(ns.dst), flag="dst"):
         m = write_engine_dataset(ns.src, ns.dst, holdout_fraction=holdout, dtype=ns.dtype, chunk_samples=chunk,
                                  storage_options=storage_options(ns.endpoint_url or ""),
                                  max_shards=ns.max_shards or None, progress=not ns.no_progress)
@@ -270,7 +277,7 @@ def cmd_make_synthetic(ns) -> int:
 
     spec = SyntheticSpec(num_samples=ns.num_samples, eva_dim=ns.eva_dim, clip_dim=ns.clip_dim, tokens=ns.tokens,
                          num_shards=ns.num_shards, seed=ns.seed, target_noise=ns.target_noise)
-    with output_lock(ns.out, command_line()):
+    with output_lock(ns.out, command_line(), flag="out"):
         make_synthetic(ns.out, spec, progress=True)
     print(f"{ns.out}: {spec.num_samples} samples, N={spec.tokens}, eva {spec.eva_dim}, clip {spec.clip_dim}; "
           f"best achievable point cosine {spec.best_point_cosine:.4f}")
@@ -299,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory)")
     e.add_argument("--holdout_fraction", type=float, default=None, help="default: the training run's")
     e.add_argument("--num_samples", type=int, default=256)
-    e.add_argument("--num_inference_steps", type=int, default=0, help="default: the training run's")
+    e.add_argument("--num_inference_steps", type=int, default=None, help="default: the training run's")
     e.add_argument("--solver", default="", help="default: the training run's")
     e.add_argument("--noise_levels", default="0.3,0.5,0.7,0.9")
     e.add_argument("--guidance", type=float, default=1.0)
@@ -426,6 +433,18 @@ COMMANDS = {
 }
 
 
+# What a rerun does after Ctrl-C, per command
+RESUME_HINT = {
+    "train": "checkpoints are written whole: rerun the same command with --resume to continue from the newest one "
+             "(--save_every_n_steps sets how often one is saved)",
+    "extract": "rerun the same command: the images already encoded are skipped",
+    "convert": "rerun the same command: the shards already converted are kept",
+}
+# OS errors that are the environment's, not a bug: a full disk, a read-only or missing place, a loop
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ELOOP, errno.EACCES, errno.ENAMETOOLONG,
+                      errno.EEXIST, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EIO}
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the input's fault, not the program's: printed as one line, no traceback."""
     import yaml
@@ -442,9 +461,17 @@ def main(argv: list[str] | None = None) -> int:
     traceback too under --debug_mode)."""
     ns = build_parser().parse_args(argv)
     try:
+        if ns.command != "train":  # TrainConfig checks train's options
+            check_options(ns)
         return COMMANDS[ns.command](ns)
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {RESUME_HINT.get(ns.command, 'nothing half-written is kept: run it again')}",
+              file=sys.stderr)
+        return 130
     except Exception as e:
-        if not isinstance(e, user_errors()):
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS and not isinstance(e, user_errors()):
+            e = ValueError(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+        elif not isinstance(e, user_errors()):
             raise
         if getattr(ns, "debug_mode", False):
             import traceback

@@ -40,10 +40,15 @@ def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
 
 
-def acquire(directory: str | os.PathLike, command: str) -> tuple[Path, int]:
+def acquire(directory: str | os.PathLike, command: str, flag: str = "") -> tuple[Path, int]:
     """Lock ``directory`` (made if missing) for this process: ``(lock path, open descriptor)``; a
-    FileExistsError naming the live process that holds it. A stale lock file is taken over."""
+    FileExistsError naming the live process that holds it. A stale lock file is taken over. ``flag``
+    names the option in messages."""
     d = Path(directory)
+    if d.is_symlink() and not d.exists():
+        raise NotADirectoryError(f"{flag + ' ' if flag else ''}{d}: a broken symlink or a symlink loop")
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(f"{flag + ' ' if flag else ''}{d}: is a file; a directory is needed here")
     d.mkdir(parents=True, exist_ok=True)
     path = d / LOCK_NAME
     while True:
@@ -79,9 +84,9 @@ def release(path: Path, fd: int) -> None:
 
 
 @contextmanager
-def output_lock(directory: str | os.PathLike, command: str, enabled: bool = True):
+def output_lock(directory: str | os.PathLike, command: str, enabled: bool = True, flag: str = ""):
     """Hold ``directory``'s lock for the block (``enabled=False``: no lock, e.g. a rank other than 0)."""
-    held = acquire(directory, command) if enabled else None
+    held = acquire(directory, command, flag) if enabled else None
     try:
         yield held[0] if held else None
     finally:

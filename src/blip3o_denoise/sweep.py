@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import sphere
+from .checks import write_atomically
 from .distribution import distribution_metrics
 from .evaluate import fit_baselines, mean_of_k_cosine
 from .sampling import generate, point_estimate
@@ -146,8 +147,7 @@ def run_sweep(ns) -> dict:
     result["steps_within_10pct_of_best_fd"] = steps_to_match(result["rows"])
     result["seconds"] = round(time.time() - started, 2)
     out = Path(ns.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_atomically(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     key = f"mean_of_{result['k']}"
     print(f"{'solver':<9}{'steps':>6}{'w':>5}{'single':>9}{'mean of ' + str(result['k']):>11}{'point':>8}"
           f"{'FD':>8}{'prec.':>7}{'recall':>7}{'s':>7}")

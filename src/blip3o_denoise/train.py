@@ -310,7 +310,7 @@ def one_writer(output_dir: str, device: torch.device):
     held, err = None, None
     if is_main():
         try:
-            held = acquire(output_dir, command_line())
+            held = acquire(output_dir, command_line(), "--output_dir")
         except FileExistsError as e:
             err = e
     try:
