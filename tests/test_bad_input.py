@@ -61,7 +61,7 @@ def test_nonfinite_training_data_is_named_before_training(tmp_path, value, field
 def test_value_check_finds_nan_anywhere_and_passes_large_finite_values(tmp_path):
     from blip3o_denoise.data.seed_format import check_finite
 
-    big = torch.full((3, 4, 8), 3e38)  # the fast path's sum overflows; the values are still finite
+    big = torch.full((3, 4, 8), 1e18)  # large, and the token norms still fit in float32
     check_finite(open_seed_shard(write_seed_shard(tmp_path, 0, big, big, ["a", "b", "c"], ["", "", ""], False)))
     for i, field in ((0, "clip"), (2, "eva")):
         x = torch.randn(3, 4, 8)
@@ -82,6 +82,32 @@ def test_nonfinite_eval_dir_is_named_and_flag_parses(tmp_path, capsys):
             "--model_size", "micro", "--max_steps", "1", "--no_progress"]
     assert main(argv) == 2
     assert str(path) in capsys.readouterr().err
+
+
+def scale_sample(d, shard_idx: int, sample: int, field: str, factor: float):
+    """Rewrite one seed shard of ``d`` with one sample's tokens of ``field`` multiplied by ``factor``."""
+    path = sorted(d.glob("embeddings_shard_*.pkl"))[shard_idx]
+    s = open_seed_shard(path)
+    clip, eva = s.clip.read_all().clone(), s.eva.read_all().clone()
+    (eva if field.startswith("eva") else clip)[sample] *= factor
+    write_seed_shard(d, shard_idx, clip, eva, s.keys, s.captions, include_cls=False)
+    return path, s.keys[sample]
+
+
+@pytest.mark.parametrize("factor,field,named", [(1e37, "clip_blip3o_embeddings", "norm overflows float32"),
+                                                (0.0, "clip_blip3o_embeddings", "all-zero token"),
+                                                (1e36, "eva_blip3o_embeddings", "norm overflows float32")])
+def test_finite_but_absurd_tokens_are_named_everywhere(tmp_path, capsys, factor, field, named):
+    """Finite values whose token norms overflow, or all-zero tokens, would normalise to zero and train silently:
+    training and inspect --check_values name them."""
+    d = make_data(tmp_path / "d")
+    path, key = scale_sample(d, 1, 5, field, factor)
+    with pytest.raises(ShardFormatError) as e:
+        build(tiny(d, tmp_path / "out"))
+    assert str(path) in str(e.value) and f"'{field}'" in str(e.value) and named in str(e.value)
+    assert repr(key) in str(e.value)
+    assert main(["inspect", str(d), "--check_values"]) == 1
+    assert named in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +133,13 @@ def test_evaluate_and_generate_refuse_nonfinite_conditions(trained, tmp_path, ca
                  "--num_steps", "2"]) == 2
     err = capsys.readouterr().err
     assert repr(key) in err and str(path) in err and not gen.exists()
+    for factor in (1e37, 0.0):  # tokens that normalise to zero
+        huge = make_data(tmp_path / f"huge{factor:g}", seed=3, num_shards=1)
+        _, key = scale_sample(huge, 0, 2, "eva_blip3o_embeddings", factor)
+        assert main(["generate", "--checkpoint", str(run), "--chunked_embeddings_dir", str(huge), "--output", str(gen),
+                     "--num_steps", "2"]) == 2
+        err = capsys.readouterr().err
+        assert repr(key) in err and "norm overflows" in err and not gen.exists()
 
 
 # ----------------------------------------------------------------------------- 2. store header vs manifest
@@ -268,3 +301,25 @@ def test_shards_of_different_widths_or_tokens_are_errors(tmp_path, capsys, shape
     assert "differ from" in capsys.readouterr().out
     with pytest.raises(ShardFormatError, match="differ from"):
         convert(d, tmp_path / "store", progress=False)
+
+
+def test_no_output_over_or_into_other_data(tmp_path, capsys):
+    """make-synthetic refuses a non-empty directory; convert refuses its source and a directory of seed shards
+    as its destination."""
+    from blip3o_denoise.cli import main
+
+    src = tmp_path / "src"
+    make_data(src)
+    before = sorted(p.name for p in src.iterdir())
+    assert main(["make-synthetic", str(src), "--num_samples", "4", "--eva_dim", "8", "--clip_dim", "8",
+                 "--tokens", "4"]) == 2
+    assert f"out {src}: not empty" in capsys.readouterr().err
+    for dst in (src, src / ".." / "src"):
+        for fmt in ("store", "litdata"):
+            assert main(["convert", str(src), str(dst), "--format", fmt, "--no_progress"]) == 2
+            assert f"dst {dst}: is the source directory" in capsys.readouterr().err
+    other = tmp_path / "other"
+    make_data(other)
+    assert main(["convert", str(src), str(other), "--no_progress"]) == 2
+    assert "holds seed-format .pkl shards" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == before

@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .checks import check_guidance, check_options, write_atomically
-from .lock import command_line, output_lock
+from .lock import LOCK_NAME, command_line, output_lock
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, its help text from the field; a bool that defaults to true
@@ -211,7 +211,22 @@ def cmd_extract(ns) -> int:
 CONVERT_ONLY = {"store": ("chunk",), "litdata": ("holdout_fraction", "chunk_samples", "endpoint_url")}
 
 
+def refuse_source_as_destination(src: str, dst: str) -> None:
+    """Converting into the source, or into a folder of seed shards, would mix the output with other data."""
+    from .data.remote import is_remote
+    from .data.seed_format import list_seed_shards
+
+    if is_remote(dst) or not Path(dst).exists():
+        return
+    s, d = Path(src).resolve(), Path(dst).resolve()
+    if s == d:
+        raise ValueError(f"dst {dst}: is the source directory; convert into a separate directory")
+    if list_seed_shards(d):
+        raise ValueError(f"dst {dst}: holds seed-format .pkl shards; convert into a separate directory")
+
+
 def cmd_convert(ns) -> int:
+    refuse_source_as_destination(ns.src, ns.dst)
     for fmt, names in CONVERT_ONLY.items():
         given = [f"--{n}" for n in names if getattr(ns, n) is not None]
         if ns.format != fmt and given:
@@ -278,6 +293,11 @@ def cmd_make_synthetic(ns) -> int:
     spec = SyntheticSpec(num_samples=ns.num_samples, eva_dim=ns.eva_dim, clip_dim=ns.clip_dim, tokens=ns.tokens,
                          num_shards=ns.num_shards, seed=ns.seed, target_noise=ns.target_noise)
     with output_lock(ns.out, command_line(), flag="out"):
+        there = sorted(p.name for p in Path(ns.out).iterdir() if p.name != LOCK_NAME)
+        if there:
+            listed = ", ".join(there[:3]) + (" ..." if len(there) > 3 else "")
+            raise FileExistsError(f"out {ns.out}: not empty ({listed}); synthetic shards go into a new or empty "
+                                  "directory")
         make_synthetic(ns.out, spec, progress=True)
     print(f"{ns.out}: {spec.num_samples} samples, N={spec.tokens}, eva {spec.eva_dim}, clip {spec.clip_dim}; "
           f"best achievable point cosine {spec.best_point_cosine:.4f}")

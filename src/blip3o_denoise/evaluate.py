@@ -187,8 +187,9 @@ def margin_over(pred: torch.Tensor, base: torch.Tensor, target: torch.Tensor) ->
         return (sphere.normalize(x.float()) * sphere.normalize(target.float())).sum(-1).clamp(-1, 1).mean(1)
 
     diff = per_image(pred) - per_image(base)
-    se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else math.inf
-    need = max(MIN_MARGIN, 2 * se)
+    if diff.numel() < 2:  # no spread to measure: not shown
+        return {"difference": float(diff.mean()), "required": None, "beats": False}
+    need = max(MIN_MARGIN, 2 * float(diff.std() / math.sqrt(diff.numel())))
     return {"difference": float(diff.mean()), "required": need, "beats": float(diff.mean()) > need}
 
 
@@ -368,9 +369,10 @@ def format_results(result: dict) -> str:
         lines.append(f"{'denoising':<22}{'model':>10}{'point est.':>12}{'identity':>10}  verdict (point estimate)")
         for s, d in result["denoising"].items():
             m = d.get("identity_margin", {})
+            need = m.get("required", MIN_MARGIN)
             verdict = d["rating"] if d["beats_identity"] else (
-                f"NOT better than the noisy input (by {m.get('difference', 0):+.4f}; a win needs > "
-                f"{m.get('required', MIN_MARGIN):.4f})")
+                f"NOT better than the noisy input (by {m.get('difference', 0):+.4f}; "
+                + ("one image: too few to tell)" if need is None else f"a win needs > {need:.4f})"))
             if "copy_condition" in d["baselines"]:  # eva_denoising: the condition is the clean target
                 verdict += (f"; copying the condition scores {d['baselines']['copy_condition']['cosine_mean']:.4f} "
                             "(the condition is the clean target)")

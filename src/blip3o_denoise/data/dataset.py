@@ -237,15 +237,18 @@ def load_eval_split(run_config: dict, directory: str, split: str, holdout_fracti
 
 
 def refuse_nonfinite(batch: dict, ds, names: tuple[str, ...]) -> None:
-    """A ValueError naming the key of the first sample whose ``names`` tensors hold NaN or inf."""
+    """A ValueError naming the key of the first sample whose ``names`` tensors hold NaN or inf, or a token that
+    normalised to zero (an all-zero token, or one whose norm overflows float32)."""
     for name in names:
-        bad = ~torch.isfinite(batch[name]).flatten(1).all(dim=1)
+        x = batch[name]
+        bad = ~(torch.isfinite(x).flatten(1).all(dim=1) & (x.norm(dim=-1) > 0.5).flatten(1).all(dim=1))
         if bool(bad.any()):
             i = int(batch["index"][int(bad.nonzero()[0])])
             shard, row = ds.emb.locate(i)
             raise ValueError(
-                f"{shard.path}: sample {row} (key {ds.emb.keys[i]!r}) has non-finite values (NaN or inf) in its "
-                f"{name}; `blip3o-denoise inspect --check_values` lists such shards"
+                f"{shard.path}: sample {row} (key {ds.emb.keys[i]!r}) has non-finite values (NaN or inf), an all-zero "
+                f"token or a token whose norm overflows float32 in its {name}; `blip3o-denoise inspect "
+                "--check_values` lists such shards"
             )
 
 
