@@ -61,6 +61,7 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, two_sets):
     run(common + ["--output_dir", str(tmp_path / "fsdp"), "--batch_size", "4", "--max_steps", "6", "--fsdp",
                   "--eval_every_n_steps", "3"], nproc=2)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
     wa = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
