@@ -1,4 +1,5 @@
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import readme_command
 from blip3o_denoise.cli import build_parser, main, train_config_from_args
 from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
 from blip3o_denoise.pipeline import Denoiser
@@ -319,7 +321,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path):
     assert not log.exists() or "\"loss\"" not in log.read_text()
 
 
-def test_seed_readme_commands_run_verbatim(tmp_path):
+def test_seed_readme_commands_run_verbatim(tmp_path, monkeypatch):
     """The seed README's Quick Start and overfit commands, flags unchanged (tiny data keeps them fast)."""
     d = tmp_path / "embeddings"
     make_synthetic(d, SyntheticSpec(num_samples=32, eva_dim=16, clip_dim=8, tokens=16))
@@ -332,12 +334,15 @@ def test_seed_readme_commands_run_verbatim(tmp_path):
     fast = ["--num_inference_steps", "2", "--eval_samples", "2", "--holdout_fraction", "0.1", "--no_progress"]
     assert main(["train", *quick, *fast]) == 0
     assert (tmp_path / "checkpoints_clip" / "final" / "model.safetensors").exists()
-    overfit = ["--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(d),
-               "--output_dir", str(tmp_path / "test_overfit"),
-               "--overfit_test_size", "20", "--batch_size", "4", "--num_epochs", "50", "--max_shards", "1"]
-    # flags that differ from the seed's overfit command: --model_size micro (the seed's default is base,
-    # minutes here) and the fast flags above; learning rate, warmup and noise range are the defaults
-    rc = main(["train", *overfit, *fast, "--model_size", "micro"])
+    # the README's overfit command, through the seed's script; declared changes: the data and output paths,
+    # --model_size micro (the default base preset takes minutes here) and the fast flags above
+    script, *overfit = readme_command(
+        "python train_universal_denoising.py --task_mode clip_denoising --chunked_embeddings_dir /data/embeddings",
+        {"--chunked_embeddings_dir": d, "--output_dir": tmp_path / "test_overfit"})
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *overfit, *fast, "--model_size", "micro"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    rc = exit_.value.code
     o = json.loads((tmp_path / "test_overfit" / "results.json").read_text())["overfit_test"]
     assert o["samples"] == 20 and o["passed"] is True and rc == 0 and o["cosine"] > 0.8
 
