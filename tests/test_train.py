@@ -639,3 +639,37 @@ def test_finite_divergence_is_reported_in_the_log_and_results(data, tmp_path, mo
     assert res["divergence"][0]["loss"] > 100 * res["divergence"][0]["running_median"]
     assert "is diverging" in capsys.readouterr().out
     assert json.loads((tmp_path / "wild" / "results.json").read_text())["divergence"] == res["divergence"]
+
+
+def test_resume_below_the_checkpoint_step_is_refused(data, tmp_path, capsys):
+    """Resuming a run at step 4 with --max_steps 2 would train nothing and relabel the run's outputs: refused,
+    and the checkpoint's config stays as it is."""
+    out = tmp_path / "r"
+    train(tiny(data, out, max_steps=4, save_every_n_steps=2))
+    ck = checkpoint_dirs(out)[-1] / "config.json"
+    before = ck.read_text()
+    rc = main(["train", "--chunked_embeddings_dir", str(data), "--output_dir", str(out), "--model_size", "micro",
+               "--batch_size", "8", "--max_steps", "2", "--resume", "--no_progress"])
+    assert rc == 2 and "--max_steps 2: the run is already at step 4" in _one_error_line(capsys)
+    assert ck.read_text() == before and checkpoint_dirs(out)[-1].name == "step_00000004"
+
+
+def test_a_split_without_training_samples_names_the_split(tmp_path, capsys):
+    """Two samples, both held out at --holdout_fraction 0.999: the error names the split, not the batch size;
+    the refused run leaves no output directory behind."""
+    d = tmp_path / "d"
+    make_synthetic(d, SyntheticSpec(num_samples=2, eva_dim=16, clip_dim=8, tokens=16))
+    rc = main(["train", "--chunked_embeddings_dir", str(d), "--output_dir", str(tmp_path / "o"), "--model_size",
+               "micro", "--holdout_fraction", "0.999", "--no_progress"])
+    line = _one_error_line(capsys)
+    assert rc == 2 and "no training samples: --holdout_fraction 0.999 holds out all 2 samples" in line
+    assert "batch" not in line and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("suffix,text", [(".json", '{"batch_size": 8, "batch_size": 4}'),
+                                         (".yaml", "batch_size: 8\nlearning_rate: 0.001\nbatch_size: 4\n")])
+def test_a_config_file_naming_an_option_twice_is_refused(tmp_path, capsys, suffix, text):
+    f = tmp_path / f"c{suffix}"
+    f.write_text(text)
+    assert main(["train", "--config", str(f), "--chunked_embeddings_dir", str(tmp_path)]) == 2
+    assert f"--config {f}: option 'batch_size' is given twice" in _one_error_line(capsys)

@@ -42,19 +42,40 @@ def load_config_file(path: str) -> dict:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader(yaml, p))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             raise ValueError(f"--config {p}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
     else:
+        def unique(pairs):
+            keys = [k for k, _ in pairs]
+            twice = [k for i, k in enumerate(keys) if k in keys[:i]]
+            if twice:
+                raise ValueError(f"--config {p}: option {twice[0]!r} is given twice")
+            return dict(pairs)
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique)
         except json.JSONDecodeError as e:
             raise ValueError(f"--config {p}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
     if not isinstance(data, dict):
         raise ValueError(f"--config {p}: expected a mapping of option names to values")
     return data
+
+
+def _unique_key_loader(yaml, path: Path):
+    """yaml's safe loader, refusing a mapping that names a key twice (the last would silently win)."""
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            twice = [k for i, k in enumerate(keys) if k in keys[:i]]
+            if twice:
+                raise ValueError(f"--config {path}: option {twice[0]!r} is given twice (line "
+                                 f"{node.start_mark.line + 1})")
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def train_config_from_args(ns: argparse.Namespace):

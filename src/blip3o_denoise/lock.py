@@ -40,7 +40,7 @@ def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
 
 
-def acquire(directory: str | os.PathLike, command: str, flag: str = "") -> tuple[Path, int]:
+def acquire(directory: str | os.PathLike, command: str, flag: str = "") -> tuple[Path, int, list[Path]]:
     """Lock ``directory`` (made if missing) for this process: ``(lock path, open descriptor)``; a
     FileExistsError naming the live process that holds it. A stale lock file is taken over. ``flag``
     names the option in messages."""
@@ -49,6 +49,7 @@ def acquire(directory: str | os.PathLike, command: str, flag: str = "") -> tuple
         raise NotADirectoryError(f"{flag + ' ' if flag else ''}{d}: a broken symlink or a symlink loop")
     if d.exists() and not d.is_dir():
         raise NotADirectoryError(f"{flag + ' ' if flag else ''}{d}: is a file; a directory is needed here")
+    made = [p for p in (d, *d.parents) if not p.exists()]  # removed again if the command leaves them empty
     d.mkdir(parents=True, exist_ok=True)
     path = d / LOCK_NAME
     while True:
@@ -74,13 +75,19 @@ def acquire(directory: str | os.PathLike, command: str, flag: str = "") -> tuple
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "time": time.time()}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
-    return path, fd
+    return path, fd, made
 
 
-def release(path: Path, fd: int) -> None:
-    """Remove the lock file and drop the lock (in this order: a waiting process re-checks the file)."""
+def release(path: Path, fd: int, made: list[Path] = ()) -> None:
+    """Remove the lock file and drop the lock (in this order: a waiting process re-checks the file); remove
+    the directories ``acquire`` made if nothing was written into them (a command refused at start)."""
     path.unlink(missing_ok=True)
     os.close(fd)
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or gone): the command wrote there
+            break
 
 
 @contextmanager

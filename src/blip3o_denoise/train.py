@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -120,6 +120,11 @@ def build_data(cfg: TrainConfig) -> Splits:
         for e in {id(emb): emb, id(eval_emb): eval_emb}.values():
             if e.format != "litdata":
                 e.check_finite()
+    if not train_idx:
+        raise ValueError(
+            f"{cfg.chunked_embeddings_dir}: no training samples: --holdout_fraction {cfg.holdout_fraction} holds out "
+            f"all {len(emb)} samples; lower it, or use more data"
+        )
     if not held_idx:
         raise ValueError(
             f"{cfg.chunked_embeddings_dir}: no held-out samples (holdout_fraction={cfg.holdout_fraction}, "
@@ -199,6 +204,8 @@ def build(cfg: TrainConfig) -> Run:
         raise ValueError(
             f"{len(train_set)} training samples per process make {micro_per_epoch} batches of {cfg.batch_size}, "
             f"fewer than --gradient_accumulation_steps {cfg.gradient_accumulation_steps}: lower one of them"
+            + (f" (--holdout_fraction {cfg.holdout_fraction} holds out {data.num_heldout} of the "
+               f"{data.num_heldout + len(train_set)} samples: lower it, or use more data)" if not cfg.eval_dir else "")
         )
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -250,6 +257,23 @@ def final_eval_samples(cfg: TrainConfig, total_steps: int, ecfg: EvalConfig, ava
     return min(available, max(8, int(FINAL_EVAL_SHARE * train_calls / per_sample)))
 
 
+# Sampling steps of the final in-training evaluation are lowered to fit its budget, never below this (or the
+# asked number, if smaller): a huge --num_inference_steps must not make the evaluation cost more than training.
+FINAL_EVAL_MIN_STEPS = 10
+
+
+def final_eval_steps(cfg: TrainConfig, total_steps: int, ecfg: EvalConfig) -> int:
+    """Sampling steps of the final in-training evaluation: ``ecfg.num_steps``, halved while its 8-sample floor
+    would cost more than :data:`FINAL_EVAL_SHARE` of the training compute (not below FINAL_EVAL_MIN_STEPS)."""
+    budget = FINAL_EVAL_SHARE * 3 * total_steps * cfg.batch_size * cfg.gradient_accumulation_steps
+    floor, steps = min(ecfg.num_steps, FINAL_EVAL_MIN_STEPS), ecfg.num_steps
+    gen = cfg.max_noise_level >= 1.0 - 1e-6
+    while steps > floor and 8 * evaluation_cost(replace(ecfg, num_steps=steps), gen, cfg.min_noise_level,
+                                                cfg.max_noise_level) > budget:
+        steps = max(floor, steps // 2)
+    return steps
+
+
 def run_evaluation(run: Run, step: int, model, final: bool = False) -> dict:
     """Held-out evaluation with the EMA weights: light during training, bounded at the end."""
     cfg = run.cfg
@@ -259,6 +283,7 @@ def run_evaluation(run: Run, step: int, model, final: bool = False) -> dict:
     if final:  # the ridge baseline maps a condition token to the target token at the same position
         baselines = fit_baselines(run.train_set, ridge=run.train_set.cond_tokens == run.train_set.tokens)
         ecfg = EvalConfig(sample_counts=FINAL_SAMPLE_COUNTS, **common)
+        ecfg.num_steps = final_eval_steps(cfg, run.total_steps, ecfg)
         n = final_eval_samples(cfg, run.total_steps, ecfg, n)
     else:
         if run.light_baselines is None:
@@ -270,8 +295,12 @@ def run_evaluation(run: Run, step: int, model, final: bool = False) -> dict:
                          cfg.min_noise_level, cfg.max_noise_level, ecfg, baselines)
     res["step"] = step
     if final:
+        fewer = (f", {ecfg.num_steps} sampling steps instead of {cfg.num_inference_steps} (the evaluation's budget "
+                 f"is {FINAL_EVAL_SHARE:.0%} of the training compute)" if ecfg.num_steps < cfg.num_inference_steps
+                 else "")
         res["note"] = (f"in-training evaluation on {res['num_images']} of {len(run.eval_set)} held-out samples "
-                       f"(K = {', '.join(map(str, FINAL_SAMPLE_COUNTS))}); the full one: blip3o-denoise evaluate")
+                       f"(K = {', '.join(map(str, FINAL_SAMPLE_COUNTS))}{fewer}); the full one: blip3o-denoise "
+                       "evaluate")
     if run.overfit_set is not None:
         res["overfit_test"] = overfit_check(run, model)
     return res
@@ -371,6 +400,11 @@ def start_position(run: Run, out: Path, say) -> Position:
     if run.cfg.resume:
         pos = resume(out, run.cfg, run.run_config, run.model, run.ema, run.optimizer, run.scheduler, say,
                      stream=run.stream)
+        if pos.step > run.total_steps:  # nothing to train, and finishing would relabel the run's outputs
+            what = f"--max_steps {run.cfg.max_steps}" if run.cfg.max_steps else f"--num_epochs {run.cfg.num_epochs}"
+            raise ValueError(f"{what}: the run is already at step {pos.step} (its newest checkpoint), past the "
+                             f"{run.total_steps} steps asked for: nothing would be trained. Resume with more steps, "
+                             "or use the checkpoint as it is")
         drop_earlier_training_samples(run, say)
         return pos
     if is_main() and checkpoint_dirs(out):
