@@ -242,7 +242,7 @@ def refuse_source_as_destination(src: str, dst: str) -> None:
     s, d = Path(src).resolve(), Path(dst).resolve()
     if s == d:
         raise ValueError(f"dst {dst}: is the source directory; convert into a separate directory")
-    if list_seed_shards(d):
+    if d.is_dir() and list_seed_shards(d):
         raise ValueError(f"dst {dst}: holds seed-format .pkl shards; convert into a separate directory")
 
 
