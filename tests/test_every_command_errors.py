@@ -145,3 +145,22 @@ def test_ctrl_c_in_training_says_how_to_resume(run, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(tr, "optimizer_step", real)
     assert main([*argv, "--resume", "--num_inference_steps", "2", "--eval_samples", "2"]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["evaluate", "--checkpoint", "s3://bucket/run", "--chunked_embeddings_dir", "DATA"], "--checkpoint s3://bucket/run"),
+    (["generate", "--checkpoint", "RUN", "--chunked_embeddings_dir", "DATA", "--output", "s3://bucket/g.safetensors"],
+     "--output s3://bucket/g.safetensors"),
+    (["sweep", "--checkpoint", "RUN", "--chunked_embeddings_dir", "DATA", "--output", "s3://b/s.json"],
+     "--output s3://b/s.json"),
+    (["train", "--chunked_embeddings_dir", "DATA", "--output_dir", "s3://bucket/run"], "--output_dir s3://bucket/run"),
+    (["make-synthetic", "s3://bucket/syn"], "out s3://bucket/syn"),
+    (["inspect", "s3://bucket/data"], "dir s3://bucket/data"),
+])
+def test_object_storage_urls_where_a_local_path_is_needed_are_named_as_given(run, tmp_path, capsys, monkeypatch,
+                                                                            argv, named):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(run[0]) if a == "DATA" else str(run[1]) if a == "RUN" else a for a in argv]
+    assert main(argv) == 2
+    one_line_error(capsys, f"error: {named}: a local")
+    assert not (tmp_path / "s3:").exists()  # no local folder named after the URL

@@ -35,8 +35,26 @@ def number_list(flag: str, text: str, kind=float, low: float = 0.0, high: float 
     return values
 
 
+# flags that take a local path only (a Path() of "s3://b/x" is "s3:/b/x": a local folder named "s3:")
+LOCAL_ONLY = {"evaluate": ("checkpoint", "output"), "sweep": ("checkpoint", "output"),
+              "generate": ("checkpoint", "output"), "extract": ("images", "output"), "inspect": ("dir",),
+              "make-synthetic": ("out",), "demo": ("output_dir",), "convert": ("src",)}
+
+
+def check_local_paths(ns) -> None:
+    """An ``s3://`` (or other URL) value of a flag that reads or writes local files only, named as it was given."""
+    for name in LOCAL_ONLY.get(ns.command, ()):
+        value = str(getattr(ns, name, "") or "")
+        if "://" in value:
+            flag = name if name in ("dir", "out", "src") else f"--{name}"
+            raise ValueError(f"{flag} {value}: a local path is needed here (object storage is read by "
+                             "--chunked_embeddings_dir, --train_dir and --eval_dir, and written by convert "
+                             "--format litdata)")
+
+
 def check_options(ns) -> None:
     """Refuse out-of-range options of ``ns.command`` (an argparse namespace)."""
+    check_local_paths(ns)
     for name, low in MINIMUM.get(ns.command, {}).items():
         value = getattr(ns, name, None)
         if value is not None and value < low:

@@ -328,6 +328,9 @@ def overfit_check(run: Run, model) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; return the final evaluation (also written to OUTPUT/results.json)."""
+    if "://" in cfg.output_dir:  # Path() would make "s3://b/run" a local folder "s3:/b/run"
+        raise ValueError(f"--output_dir {cfg.output_dir}: a local directory is needed (checkpoints are written "
+                         "locally; the training data may be s3://)")
     device = resolve_device(cfg.device)  # a device this machine lacks is refused before anything starts
     with process_group(cfg.device), one_writer(cfg.output_dir, device):
         return _train(cfg)
