@@ -328,3 +328,18 @@ def test_no_output_over_or_into_other_data(tmp_path, capsys):
     assert main(["convert", str(src), str(other), "--no_progress"]) == 2
     assert "holds seed-format .pkl shards" in capsys.readouterr().err
     assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_inspect_verify_counts_each_shard_once(tmp_path, capsys):
+    """A 2-shard store with one shard modified after conversion: 2 shards, 1 failed (it opened, then failed
+    its checksum: counted once)."""
+    src, store = make_data(tmp_path / "src"), tmp_path / "store"
+    convert(src, store, progress=False)
+    victim = sorted(store.glob("*.safetensors"))[1]
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x01  # a value, not the header: the shard still opens
+    victim.write_bytes(bytes(data))
+    assert main(["inspect", str(store), "--verify", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards"] == 2 and [f["shard"] for f in report["failed_shards"]] == [victim.name]
+    assert report["text"].startswith(f"{store}: store format, 2 shards")

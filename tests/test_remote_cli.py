@@ -5,6 +5,7 @@ the same samples and numbers wherever the data is stored; clear errors for bad i
 import json
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +197,14 @@ def test_bad_remote_inputs_name_the_url(ckpt, src, s3_copy, s3, tmp_path, capsys
     assert _convert(other, "s3://bucket/other", "--endpoint_url", s3) == 0
     err = run("evaluate", *base, "--chunked_embeddings_dir", "s3://bucket/other", "--endpoint_url", s3)
     assert "s3://bucket/other: data has target width 6" in err and "the model was trained on 8" in err
+
+
+def test_inspect_describes_a_converted_dataset(local_copy, capsys):
+    assert main(["inspect", local_copy, "--check_values", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    m = R.read_manifest(local_copy)
+    chunks = len(list(Path(local_copy).glob("*/chunk-*.bin")))
+    assert (report["format"], report["samples"], report["shards"]) == ("litdata", 40, chunks) and chunks >= 10
+    assert report["parts"]["eval"]["samples"] == m["parts"]["eval"]["samples"] > 0
+    assert not report["problems"] and not report["failed_shards"]
+    assert "no shards" not in report["text"] and f"{chunks} chunks of up to 4 samples" in report["text"]
