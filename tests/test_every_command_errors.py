@@ -12,6 +12,7 @@ import torch
 from blip3o_denoise.cli import main
 from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
 from blip3o_denoise.pipeline import Denoiser
+from blip3o_denoise.train import TrainConfig, train
 
 CHEAP = ["--num_inference_steps", "2", "--noise_levels", "0.5", "--sample_counts", "2", "--no_ridge",
          "--no_distribution", "--no_progress"]
@@ -164,3 +165,22 @@ def test_object_storage_urls_where_a_local_path_is_needed_are_named_as_given(run
     assert main(argv) == 2
     one_line_error(capsys, f"error: {named}: a local")
     assert not (tmp_path / "s3:").exists()  # no local folder named after the URL
+
+
+def test_written_weights_follow_the_umask(run, tmp_path):
+    """safetensors writes 0600 whatever the umask: a run's weights and generated files must be readable by the
+    group like every other output (umask 022 -> 0644, 027 -> 0640)."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "g.safetensors"
+        assert main(command("generate", run[1], run[0], out)) == 0
+        train(TrainConfig(chunked_embeddings_dir=str(run[0]), output_dir=str(tmp_path / "r"), model_size="micro",
+                          batch_size=8, max_steps=1, save_every_n_steps=1, holdout_fraction=0.3, eval_samples=2,
+                          num_inference_steps=2, progress=False))
+    finally:
+        os.umask(old)
+    files = [out, *(tmp_path / "r").glob("final/*"), *(tmp_path / "r").glob("checkpoints/*/*.safetensors")]
+    assert len(files) == 5 and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o640}

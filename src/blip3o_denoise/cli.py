@@ -182,8 +182,7 @@ def cmd_sweep(ns) -> int:
 
 def cmd_generate(ns) -> int:
     import torch
-    from safetensors.torch import save_file
-
+    from .checkpoint import save_weights
     from .data.dataset import load_eval_split, refuse_nonfinite
     from .pipeline import Denoiser
 
@@ -202,7 +201,7 @@ def cmd_generate(ns) -> int:
         keys += [ds.emb.keys[int(j)] for j in batch["index"]]
     out = Path(ns.output)
     embeddings = torch.cat(outs).contiguous()
-    write_atomically(out, lambda tmp: save_file({"embeddings": embeddings}, str(tmp), metadata={
+    write_atomically(out, lambda tmp: save_weights({"embeddings": embeddings}, tmp, metadata={
         "keys": json.dumps(keys), "task_mode": den.config["train"]["task_mode"]}))
     print(f"wrote {len(keys)} generated samples to {out}")
     return 0
