@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader
 from .checkpoint import Position, checkpoint_dirs, export_model, resume, save_checkpoint, training_state
 from .config import TrainConfig, auto_learning_rate
 from .data.dataset import PairDataset, split_indices
-from .data.remote import default_cache_dir, open_dataset, storage_options, streaming_loader, streaming_train_set
+from .data.remote import (
+    check_chunks_present, default_cache_dir, open_dataset, storage_options, streaming_loader, streaming_train_set,
+)
 from .distributed import (
     ResumableSampler, all_ranks_true, barrier, full_model_state, full_optimizer_state, gradient_sync, is_fsdp,
     is_main, process_group, resolve_device, shard, unwrap, world, wrap_for_training,
@@ -150,6 +152,9 @@ def build_data(cfg: TrainConfig) -> Splits:
             "tokens one to one: use --conditioning cross_attention"
         )
     stream = None
+    if eval_emb.format == "litdata":  # read only when training ends: a missing chunk is named now
+        for part in ("train", "eval") if cfg.eval_dir else ("eval",):  # --eval_dir: every sample is evaluated
+            check_chunks_present(cfg.eval_dir or cfg.chunked_embeddings_dir, part, storage_options(cfg.endpoint_url))
     if emb.format == "litdata":  # the same training samples, streamed (the split was made when converting)
         stream = streaming_train_set(
             cfg.chunked_embeddings_dir, cfg.task_mode, cfg.training_mode, cfg.holdout_fraction, cfg.seed,

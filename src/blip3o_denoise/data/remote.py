@@ -321,6 +321,21 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict:
     return m
 
 
+def check_chunks_present(url: str, part: str, storage_options: dict | None = None) -> None:
+    """Every chunk that ``part/index.json`` lists exists (one listing or HEAD each): a deleted chunk is
+    named before training, not when the evaluation after training reads it."""
+    url = str(url).rstrip("/")
+    try:
+        chunks = [c["filename"] for c in json.loads(_read_object(url, f"{part}/{_INDEX}", storage_options))["chunks"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RemoteDataError(f"{url}: {part}/{_INDEX} is not a LitData index ({e})") from e
+    sink = _Sink(url, storage_options)
+    missing = [c for c in chunks if not sink.exists(f"{part}/{c}")]
+    if missing:
+        raise RemoteDataError(f"{url}: {part}/{missing[0]} is missing ({len(missing)} of the {len(chunks)} chunks "
+                              f"that {part}/{_INDEX} lists): deleted, or an incomplete copy; convert again")
+
+
 def check_holdout(manifest: dict, url: str, holdout_fraction: float) -> None:
     """Refuse a run whose held-out fraction differs from the one the dataset was split with."""
     if not math.isclose(float(holdout_fraction), float(manifest["holdout_fraction"]), rel_tol=0, abs_tol=1e-12):
