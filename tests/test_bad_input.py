@@ -108,6 +108,10 @@ def test_finite_but_absurd_tokens_are_named_everywhere(tmp_path, capsys, factor,
     assert repr(key) in str(e.value)
     assert main(["inspect", str(d), "--check_values"]) == 1
     assert named in capsys.readouterr().out
+    # a converted (streamed) dataset is not value-checked when training: converting refuses the sample
+    assert main(["convert", str(d), str(tmp_path / "lit"), "--format", "litdata", "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert repr(key) in err and "no direction on the sphere" in err
 
 
 @pytest.fixture(scope="module")

@@ -206,6 +206,10 @@ def _raw(t: torch.Tensor, dtype: str, where: str) -> torch.Tensor:
     out = t.to(DTYPES[dtype]).contiguous()
     if not bool(torch.isfinite(out).all()):
         raise ShardFormatError(f"{where} overflows {dtype}; use bfloat16 or float32")
+    norms = torch.linalg.vector_norm(out.float(), dim=-1)  # training reads this part without a value check
+    if not bool((torch.isfinite(norms) & (norms > 0)).all()):
+        raise ShardFormatError(f"{where} has an all-zero token or one whose float32 norm overflows: it has no "
+                               "direction on the sphere")
     return out.view(_STORED_AS[dtype]) if dtype == "bfloat16" else out
 
 
