@@ -12,6 +12,7 @@ from pathlib import Path
 from .checks import check_guidance, check_options, write_atomically
 from .lock import LOCK_NAME, command_line, output_lock
 
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, its help text from the field; a bool that defaults to true
     gets ``--no_<name>``."""
@@ -182,6 +183,7 @@ def cmd_sweep(ns) -> int:
 
 def cmd_generate(ns) -> int:
     import torch
+
     from .checkpoint import save_weights
     from .data.dataset import load_eval_split, refuse_nonfinite
     from .pipeline import Denoiser
