@@ -35,3 +35,60 @@ def moto_s3_server():
     finally:
         requests.post(f"{endpoint}/moto-api/reset", timeout=30)
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(data directory, run directory) of a one-step micro model trained to noise level 1 on 24 synthetic samples
+    (holdout 0.3)."""
+    from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
+    from blip3o_denoise.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = root / "d"
+    make_synthetic(data, SyntheticSpec(num_samples=24, eva_dim=16, clip_dim=8, tokens=16))
+    train(TrainConfig(chunked_embeddings_dir=str(data), output_dir=str(root / "run"), model_size="micro", batch_size=8,
+                      max_steps=1, warmup_steps=1, eval_every_n_steps=0, save_every_n_steps=0, num_inference_steps=2,
+                      holdout_fraction=0.3, eval_samples=4, max_noise_level=1.0, progress=False))
+    return data, root / "run"
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's ```bash blocks: continuation lines joined, comments dropped,
+    ``a && b`` split, whitespace normalised."""
+    import re
+    from pathlib import Path
+
+    cmds = []
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).strip()
+            cmds += [" ".join(part.split()) for part in line.split(" && ") if part.strip()]
+    return cmds
+
+
+def readme_command(start: str, replace: dict | None = None, drop: tuple = ()) -> list[str]:
+    """The README's one command that starts with ``start``, as argv without the program, with only declared
+    changes: ``replace`` maps a flag to its new value (``{"--model_size": "micro"}``) or a token to another
+    (a data path); ``drop`` lists flags removed with their value (a bare flag alone)."""
+    import shlex
+
+    found = [c for c in readme_commands() if c.startswith(start)]
+    assert len(found) == 1, f"expected one README command starting with {start!r}, found {found}"
+    tokens, out, replace = shlex.split(found[0]), [], dict(replace or {})
+    i = 1
+    while i < len(tokens):
+        tok = tokens[i]
+        takes_value = tok.startswith("--") and i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+        if tok in drop:
+            i += 2 if takes_value else 1
+            continue
+        if tok in replace and takes_value:
+            out += [tok, str(replace.pop(tok))]
+            i += 2
+            continue
+        out.append(str(replace.pop(tok)) if tok in replace else tok)
+        i += 1
+    assert not replace, f"declared substitutions not in the README command: {sorted(replace)}"
+    return out

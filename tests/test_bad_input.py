@@ -61,7 +61,7 @@ def test_nonfinite_training_data_is_named_before_training(tmp_path, value, field
 def test_value_check_finds_nan_anywhere_and_passes_large_finite_values(tmp_path):
     from blip3o_denoise.data.seed_format import check_finite
 
-    big = torch.full((3, 4, 8), 3e38)  # the fast path's sum overflows; the values are still finite
+    big = torch.full((3, 4, 8), 1e18)  # large, and the token norms still fit in float32
     check_finite(open_seed_shard(write_seed_shard(tmp_path, 0, big, big, ["a", "b", "c"], ["", "", ""], False)))
     for i, field in ((0, "clip"), (2, "eva")):
         x = torch.randn(3, 4, 8)
@@ -82,6 +82,36 @@ def test_nonfinite_eval_dir_is_named_and_flag_parses(tmp_path, capsys):
             "--model_size", "micro", "--max_steps", "1", "--no_progress"]
     assert main(argv) == 2
     assert str(path) in capsys.readouterr().err
+
+
+def scale_sample(d, shard_idx: int, sample: int, field: str, factor: float):
+    """Rewrite one seed shard of ``d`` with one sample's tokens of ``field`` multiplied by ``factor``."""
+    path = sorted(d.glob("embeddings_shard_*.pkl"))[shard_idx]
+    s = open_seed_shard(path)
+    clip, eva = s.clip.read_all().clone(), s.eva.read_all().clone()
+    (eva if field.startswith("eva") else clip)[sample] *= factor
+    write_seed_shard(d, shard_idx, clip, eva, s.keys, s.captions, include_cls=False)
+    return path, s.keys[sample]
+
+
+@pytest.mark.parametrize("factor,field,named", [(1e37, "clip_blip3o_embeddings", "norm overflows float32"),
+                                                (0.0, "clip_blip3o_embeddings", "all-zero token"),
+                                                (1e36, "eva_blip3o_embeddings", "norm overflows float32")])
+def test_finite_but_absurd_tokens_are_named_everywhere(tmp_path, capsys, factor, field, named):
+    """Finite values whose token norms overflow, or all-zero tokens, would normalise to zero and train silently:
+    training and inspect --check_values name them."""
+    d = make_data(tmp_path / "d")
+    path, key = scale_sample(d, 1, 5, field, factor)
+    with pytest.raises(ShardFormatError) as e:
+        build(tiny(d, tmp_path / "out"))
+    assert str(path) in str(e.value) and f"'{field}'" in str(e.value) and named in str(e.value)
+    assert repr(key) in str(e.value)
+    assert main(["inspect", str(d), "--check_values"]) == 1
+    assert named in capsys.readouterr().out
+    # a converted (streamed) dataset is not value-checked when training: converting refuses the sample
+    assert main(["convert", str(d), str(tmp_path / "lit"), "--format", "litdata", "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert repr(key) in err and "no direction on the sphere" in err
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +137,13 @@ def test_evaluate_and_generate_refuse_nonfinite_conditions(trained, tmp_path, ca
                  "--num_steps", "2"]) == 2
     err = capsys.readouterr().err
     assert repr(key) in err and str(path) in err and not gen.exists()
+    for factor in (1e37, 0.0):  # tokens that normalise to zero
+        huge = make_data(tmp_path / f"huge{factor:g}", seed=3, num_shards=1)
+        _, key = scale_sample(huge, 0, 2, "eva_blip3o_embeddings", factor)
+        assert main(["generate", "--checkpoint", str(run), "--chunked_embeddings_dir", str(huge), "--output", str(gen),
+                     "--num_steps", "2"]) == 2
+        err = capsys.readouterr().err
+        assert repr(key) in err and "norm overflows" in err and not gen.exists()
 
 
 # ----------------------------------------------------------------------------- 2. store header vs manifest
@@ -178,13 +215,18 @@ def test_inspect_never_crashes_on_damaged_shards(tmp_path):
     d = make_data(tmp_path / "d", num_samples=4, num_shards=1)
     victim = next(d.glob("*.pkl"))
     original = victim.read_bytes()
+    failed = 0
     for pos in range(0, min(len(original), 1500), 3):
         data = bytearray(original)
         data[pos] ^= 0xFF
         victim.write_bytes(bytes(data))
         report = inspect_dataset(str(d), check_values=True)  # must not raise
+        failed += bool(report["failed_shards"])
         for f in report["failed_shards"]:
             assert f["shard"] == victim.name and victim.name in f["error"]
+    # 114 of these 500 flips break the pickle's structure or a value (measured); the others hit bytes that
+    # decode to other finite values or captions: a check that swallowed its errors would report none
+    assert failed >= 100
 
 
 # ----------------------------------------------------------------------------- 4. seed manifest vs shards
@@ -268,3 +310,40 @@ def test_shards_of_different_widths_or_tokens_are_errors(tmp_path, capsys, shape
     assert "differ from" in capsys.readouterr().out
     with pytest.raises(ShardFormatError, match="differ from"):
         convert(d, tmp_path / "store", progress=False)
+
+
+def test_no_output_over_or_into_other_data(tmp_path, capsys):
+    """make-synthetic refuses a non-empty directory; convert refuses its source and a directory of seed shards
+    as its destination."""
+    from blip3o_denoise.cli import main
+
+    src = tmp_path / "src"
+    make_data(src)
+    before = sorted(p.name for p in src.iterdir())
+    assert main(["make-synthetic", str(src), "--num_samples", "4", "--eva_dim", "8", "--clip_dim", "8",
+                 "--tokens", "4"]) == 2
+    assert f"out {src}: not empty" in capsys.readouterr().err
+    for dst in (src, src / ".." / "src"):
+        for fmt in ("store", "litdata"):
+            assert main(["convert", str(src), str(dst), "--format", fmt, "--no_progress"]) == 2
+            assert f"dst {dst}: is the source directory" in capsys.readouterr().err
+    other = tmp_path / "other"
+    make_data(other)
+    assert main(["convert", str(src), str(other), "--no_progress"]) == 2
+    assert "holds seed-format .pkl shards" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_inspect_verify_counts_each_shard_once(tmp_path, capsys):
+    """A 2-shard store with one shard modified after conversion: 2 shards, 1 failed (it opened, then failed
+    its checksum: counted once)."""
+    src, store = make_data(tmp_path / "src"), tmp_path / "store"
+    convert(src, store, progress=False)
+    victim = sorted(store.glob("*.safetensors"))[1]
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x01  # a value, not the header: the shard still opens
+    victim.write_bytes(bytes(data))
+    assert main(["inspect", str(store), "--verify", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards"] == 2 and [f["shard"] for f in report["failed_shards"]] == [victim.name]
+    assert report["text"].startswith(f"{store}: store format, 2 shards")

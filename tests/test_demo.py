@@ -1,11 +1,12 @@
 import json
 
+from conftest import readme_command
 from blip3o_denoise.cli import main
 
 
 def test_demo_quick_mode_beats_every_baseline_it_prints(tmp_path):
     out = tmp_path / "demo"
-    rc = main(["demo", "--output_dir", str(out), "--quick"])
+    rc = main([*readme_command("blip3o-denoise demo"), "--output_dir", str(out), "--quick"])  # declared: quick
     res = json.loads((out / "demo_result.json").read_text())
     failed = [name for name, ok in res["checks"].items() if not ok]
     assert res["checks"] and not failed, failed

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import readme_command
 from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,7 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, two_sets):
     run(common + ["--output_dir", str(tmp_path / "fsdp"), "--batch_size", "4", "--max_steps", "6", "--fsdp",
                   "--eval_every_n_steps", "3"], nproc=2)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
     wa = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
@@ -112,8 +114,14 @@ def test_readme_torchrun_command_with_default_flags(tmp_path, extra):
     data = tmp_path / "D"
     make_synthetic(data, SyntheticSpec(num_samples=24, eva_dim=32, clip_dim=16, tokens=16))
     out = tmp_path / "O"
-    r = run(["--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(data), "--output_dir", str(out),
-             "--model_size", "tiny", "--batch_size", "4", "--num_epochs", "1", *extra], nproc=2)
+    # the README's command; declared changes: 2 CPU processes, small data, the tiny preset, batch 4, one epoch
+    # (and, for DDP, no --fsdp); --precision bf16, --max_noise_level 1.0 and --grad_checkpointing stay
+    _, _, script, *argv = readme_command(
+        "torchrun --standalone --nproc_per_node=8 train_universal_denoising.py",
+        {"--chunked_embeddings_dir": data, "--output_dir": out, "--model_size": "tiny", "--batch_size": "4"},
+        drop=() if extra else ("--fsdp",))
+    assert script == "train_universal_denoising.py" and "--grad_checkpointing" in argv and "bf16" in argv
+    r = run([*argv, "--num_epochs", "1"], nproc=2)
     assert "parameters that were not used" not in r.stderr
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps and steps[-1] == 3  # 21 training samples: 11 per rank, 3 batches of 4

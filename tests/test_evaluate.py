@@ -204,6 +204,29 @@ def test_final_in_training_evaluation_is_bounded_by_training_compute():
     assert final_eval_samples(cfg, 10, ecfg, 500) == 8  # a floor, so a short run still reports something
 
 
+def test_final_evaluation_budget_holds_with_huge_sampling_steps(tmp_path):
+    """--num_inference_steps 100000 must not make the final in-training evaluation cost more than 10% of
+    training: its steps are lowered (and the note says so), down to at most 10."""
+    from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
+    from blip3o_denoise.evaluate import EvalConfig, evaluation_cost
+    from blip3o_denoise.train import FINAL_SAMPLE_COUNTS, TrainConfig, final_eval_steps, train
+
+    cfg = TrainConfig(chunked_embeddings_dir="x", batch_size=16, max_noise_level=1.0, num_inference_steps=100000)
+    ecfg = EvalConfig(num_steps=100000, sample_counts=FINAL_SAMPLE_COUNTS)
+    steps = final_eval_steps(cfg, 20000, ecfg)
+    assert 10 <= steps < 100000
+    cost = 8 * evaluation_cost(EvalConfig(num_steps=steps, sample_counts=FINAL_SAMPLE_COUNTS), True, 0.0, 1.0)
+    assert cost <= 0.1 * 3 * 20000 * 16 < 8 * evaluation_cost(
+        EvalConfig(num_steps=steps * 2, sample_counts=FINAL_SAMPLE_COUNTS), True, 0.0, 1.0)
+    assert final_eval_steps(cfg, 20000, EvalConfig(num_steps=20, sample_counts=FINAL_SAMPLE_COUNTS)) == 20
+    d = tmp_path / "d"
+    make_synthetic(d, SyntheticSpec(num_samples=24, eva_dim=16, clip_dim=8, tokens=16))
+    res = train(TrainConfig(chunked_embeddings_dir=str(d), output_dir=str(tmp_path / "o"), model_size="micro",
+                            batch_size=8, max_steps=2, max_noise_level=1.0, num_inference_steps=100000,
+                            holdout_fraction=0.3, eval_every_n_steps=0, save_every_n_steps=0, progress=False))
+    assert res["num_steps"] == 10 and "10 sampling steps instead of 100000" in res["note"]
+
+
 def test_sweep_reports_distribution_per_solver_and_steps():
     from blip3o_denoise.distribution import PCABasis
     from blip3o_denoise.sweep import sweep

@@ -151,3 +151,20 @@ def test_cli_extract_with_workers(folder, tmp_path, encoders, capsys):
                  "--condition_model", encoders[1], "--num_workers", "2", "--batch_size", "4", "--no_progress"]) == 0
     assert "7 images encoded" in capsys.readouterr().out
     assert len(Embeddings(tmp_path / "w")) == 7
+
+
+def test_layer_out_of_range_and_a_rerun_with_other_settings_are_refused(folder, tmp_path, encoders, capsys):
+    base = ["extract", "--images", str(folder), "--output", str(tmp_path / "o"), "--target_model", encoders[0],
+            "--condition_model", encoders[1], "--num_workers", "0", "--no_progress"]
+    assert main([*base, "--layer", "99"]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: --layer 99: encoder" in "\n" + err.replace("\r", "\n") and "hidden states" in err
+    assert main(base) == 0
+    before = Embeddings(tmp_path / "o").read(0, "clip").clone()
+    for extra, named in ((["--layer", "-2"], "--layer -1 -> -2"), (["--store_dtype", "float32"], "--store_dtype"),
+                         (["--format", "seed"], "holds a store-format dataset")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "0 images encoded" not in err
+    assert torch.equal(Embeddings(tmp_path / "o").read(0, "clip"), before)
+    assert main(base) == 0 and "0 images encoded this run" in capsys.readouterr().out  # same settings: resumes

@@ -71,3 +71,34 @@ def test_sweep_refuses_training_samples_and_labels_what_it_measures(run, tmp_pat
     assert json.loads(out.read_text())["held_out"] is False
     assert main(base) == 0  # the held-out split
     assert json.loads(out.read_text())["held_out"] is True
+
+
+def test_a_resume_with_a_larger_holdout_fraction_keeps_earlier_training_samples_out(tmp_path, capsys):
+    """Phase 1 trains at holdout 0.2, the resume at 0.5: samples with a key hash in [0.2, 0.5) were trained on
+    and are never scored as held out, neither by evaluate's default split nor when asked for 0.5."""
+    data, out = tmp_path / "d", tmp_path / "run"
+    make_synthetic(data, SyntheticSpec(num_samples=30, eva_dim=16, clip_dim=8, tokens=16))
+    common = dict(chunked_embeddings_dir=str(data), output_dir=str(out), model_size="micro", batch_size=8,
+                  warmup_steps=1, eval_every_n_steps=0, save_every_n_steps=1, num_inference_steps=2, eval_samples=30,
+                  max_noise_level=1.0, progress=False)
+    train(TrainConfig(max_steps=1, holdout_fraction=0.2, **common))
+    res = train(TrainConfig(max_steps=2, holdout_fraction=0.5, resume=True, **common))
+    keys = Embeddings(data).keys
+    early = set(split_indices(keys, 0.2)[0]) & set(split_indices(keys, 0.5)[1])  # trained, then "held out"
+    assert early, "the data must have samples between the two fractions"
+    assert "were trained on before this resume changed the split" in capsys.readouterr().out
+    assert res["num_images"] == len(split_indices(keys, 0.2)[1])  # the in-training evaluation skipped them
+    phases = json.loads((out / "final" / "config.json").read_text())["train_phases"]
+    assert [p["holdout_fraction"] for p in phases] == [0.2, 0.5] and phases[1]["from_step"] == 1
+    rj = tmp_path / "r.json"
+    assert evaluate((data, out), rj, "--num_samples", "0") == 0  # default: held out in every phase
+    r = json.loads(rj.read_text())
+    assert r["held_out"] is True and r["num_images"] == len(split_indices(keys, 0.2)[1])
+    assert evaluate((data, out), rj, "--holdout_fraction", "0.5", "--num_samples", "0") == 2
+    assert f"{len(early)} of the {len(split_indices(keys, 0.5)[1])} evaluation samples" in capsys.readouterr().err
+    assert evaluate((data, out), rj, "--holdout_fraction", "0.5", "--num_samples", "0", "--allow_train_samples") == 0
+    r = json.loads(rj.read_text())
+    assert r["held_out"] is False and r["train_samples_in_evaluation"] == len(early)
+    sweep = ["sweep", "--checkpoint", str(out), "--chunked_embeddings_dir", str(data), "--output",
+             str(tmp_path / "s.json"), "--steps", "1", "--k", "2", "--num_samples", "30"]
+    assert main(sweep) == 0 and json.loads((tmp_path / "s.json").read_text())["held_out"] is True

@@ -5,6 +5,7 @@ the same samples and numbers wherever the data is stored; clear errors for bad i
 import json
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,13 +159,16 @@ def test_generate_from_s3_writes_the_same_samples(ckpt, src, local_copy, s3_copy
     assert list((tmp_path / "default_cache").rglob("eval-random/index.json"))
 
 
-def test_sweep_from_s3(ckpt, s3_copy, s3, tmp_path):
+def test_sweep_from_s3(ckpt, s3_copy, local_copy, s3, tmp_path):
+    """The sweep of the S3 copy equals the sweep of the same dataset in a local directory, number for number."""
+    common = ["sweep", "--checkpoint", str(ckpt), "--steps", "1,2", "--k", "2", "--num_samples", "4"]
     out = tmp_path / "sweep.json"
-    assert main(["sweep", "--checkpoint", str(ckpt), "--chunked_embeddings_dir", s3_copy, "--output", str(out),
-                 "--steps", "1,2", "--k", "2", "--num_samples", "4", "--cache_dir", str(tmp_path / "c"),
+    assert main([*common, "--chunked_embeddings_dir", s3_copy, "--output", str(out), "--cache_dir", str(tmp_path / "c"),
                  "--endpoint_url", s3]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["steps"] for r in rows] == [1, 2] and all(-1 <= r["point_estimate"] <= 1 for r in rows)
+    assert main([*common, "--chunked_embeddings_dir", local_copy, "--output", str(tmp_path / "local.json")]) == 0
+    remote, local = (json.loads(p.read_text()) for p in (out, tmp_path / "local.json"))
+    assert [r["steps"] for r in remote["rows"]] == [1, 2] and remote["held_out"] is True
+    assert _no_timings(remote) == _no_timings(local)
 
 
 def test_bad_remote_inputs_name_the_url(ckpt, src, s3_copy, s3, tmp_path, capsys):
@@ -193,3 +197,14 @@ def test_bad_remote_inputs_name_the_url(ckpt, src, s3_copy, s3, tmp_path, capsys
     assert _convert(other, "s3://bucket/other", "--endpoint_url", s3) == 0
     err = run("evaluate", *base, "--chunked_embeddings_dir", "s3://bucket/other", "--endpoint_url", s3)
     assert "s3://bucket/other: data has target width 6" in err and "the model was trained on 8" in err
+
+
+def test_inspect_describes_a_converted_dataset(local_copy, capsys):
+    assert main(["inspect", local_copy, "--check_values", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    m = R.read_manifest(local_copy)
+    chunks = len(list(Path(local_copy).glob("*/chunk-*.bin")))
+    assert (report["format"], report["samples"], report["shards"]) == ("litdata", 40, chunks) and chunks >= 10
+    assert report["parts"]["eval"]["samples"] == m["parts"]["eval"]["samples"] > 0
+    assert not report["problems"] and not report["failed_shards"]
+    assert "no shards" not in report["text"] and f"{chunks} chunks of up to 4 samples" in report["text"]

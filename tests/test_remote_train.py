@@ -256,3 +256,23 @@ def test_two_ranks_from_s3_killed_and_resumed_match_an_uninterrupted_run(s3, tmp
     text = finish(torchrun(url, endpoint, creds, out, tmp_path / "cache_elsewhere", log, resume=True), log)
     assert "resumed from" in text and "warning: the streamed epoch resumes with other" not in text
     assert_same(weights(out), weights(ref))
+
+
+def test_a_deleted_evaluation_chunk_is_named_before_training(src, tmp_path):
+    """The evaluation chunks are read only when training ends: one deleted is refused at start, by name, with
+    nothing trained or written."""
+    import shutil
+
+    d = tmp_path / "ds"
+    shutil.copytree(conv_dir(src, tmp_path), d)
+    victim = sorted((d / "eval").glob("chunk-*.bin"))[-1]
+    victim.unlink()
+    with pytest.raises(ValueError, match=f"eval/{victim.name} is missing"):
+        train(cfg(d, tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def conv_dir(src, tmp_path):
+    d = tmp_path / "fresh"
+    write_engine_dataset(src, str(d), holdout_fraction=HOLD, chunk_samples=1)
+    return d

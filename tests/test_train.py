@@ -1,4 +1,5 @@
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import readme_command
 from blip3o_denoise.cli import build_parser, main, train_config_from_args
 from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
 from blip3o_denoise.pipeline import Denoiser
@@ -191,10 +193,16 @@ def test_resume_is_exact(data, tmp_path, monkeypatch):
     assert la == lb
 
 
-def test_overfit_test_reports_pass_or_fail(data, tmp_path):
-    res = train(tiny(data, tmp_path / "o", overfit_test_size=4, max_steps=3))
-    o = res["overfit_test"]
-    assert o["samples"] == 4 and o["threshold"] == 0.8 and o["passed"] == (o["cosine"] > 0.8)
+def test_overfit_test_reports_pass_or_fail(data, tmp_path, capsys):
+    """A run that cannot pass (3 steps from a random start) fails the overfit test, prints FAILED and exits 3;
+    the passing side is the seed's overfit command (test_seed_readme_commands_run_verbatim)."""
+    out = tmp_path / "o"
+    rc = main(["train", "--chunked_embeddings_dir", str(data), "--output_dir", str(out), "--model_size", "micro",
+               "--batch_size", "8", "--max_steps", "3", "--overfit_test_size", "4", "--num_inference_steps", "2",
+               "--eval_samples", "4", "--holdout_fraction", "0.2", "--eval_every_n_steps", "0", "--no_progress"])
+    o = json.loads((out / "results.json").read_text())["overfit_test"]
+    assert rc == 3 and o["samples"] == 4 and o["threshold"] == 0.8 and o["passed"] is False and o["cosine"] < 0.8
+    assert "-> FAILED (threshold 0.8)" in capsys.readouterr().out
 
 
 def test_eval_json_schema_and_noise_range(data, tmp_path):
@@ -305,12 +313,15 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path):
     clip[::2] = float("nan")  # half the samples poison every batch they are in
     write_seed_shard(d, 0, clip, eva, [f"k{i}" for i in range(40)], [""] * 40, False)
     with pytest.raises(RuntimeError, match="non-finite steps in a row"):
-        train(tiny(d, tmp_path / "o", max_steps=6, max_bad_steps=3, holdout_fraction=0.1, skip_value_check=True))
-    # no update was made from a non-finite step, and none of them was logged as a step
-    assert not (tmp_path / "o" / "checkpoints").exists()
+        train(tiny(d, tmp_path / "o", max_steps=6, max_bad_steps=3, holdout_fraction=0.1, skip_value_check=True,
+                   save_every_n_steps=1))
+    # no non-finite step counted as a step: a counted one would have been saved (--save_every_n_steps 1) and logged
+    assert checkpoint_dirs(tmp_path / "o") == []
+    log = tmp_path / "o" / "metrics.jsonl"
+    assert not log.exists() or "\"loss\"" not in log.read_text()
 
 
-def test_seed_readme_commands_run_verbatim(tmp_path):
+def test_seed_readme_commands_run_verbatim(tmp_path, monkeypatch):
     """The seed README's Quick Start and overfit commands, flags unchanged (tiny data keeps them fast)."""
     d = tmp_path / "embeddings"
     make_synthetic(d, SyntheticSpec(num_samples=32, eva_dim=16, clip_dim=8, tokens=16))
@@ -323,12 +334,15 @@ def test_seed_readme_commands_run_verbatim(tmp_path):
     fast = ["--num_inference_steps", "2", "--eval_samples", "2", "--holdout_fraction", "0.1", "--no_progress"]
     assert main(["train", *quick, *fast]) == 0
     assert (tmp_path / "checkpoints_clip" / "final" / "model.safetensors").exists()
-    overfit = ["--task_mode", "clip_denoising", "--chunked_embeddings_dir", str(d),
-               "--output_dir", str(tmp_path / "test_overfit"),
-               "--overfit_test_size", "20", "--batch_size", "4", "--num_epochs", "50", "--max_shards", "1"]
-    # flags that differ from the seed's overfit command: --model_size micro (the seed's default is base,
-    # minutes here) and the fast flags above; learning rate, warmup and noise range are the defaults
-    rc = main(["train", *overfit, *fast, "--model_size", "micro"])
+    # the README's overfit command, through the seed's script; declared changes: the data and output paths,
+    # --model_size micro (the default base preset takes minutes here) and the fast flags above
+    script, *overfit = readme_command(
+        "python train_universal_denoising.py --task_mode clip_denoising --chunked_embeddings_dir /data/embeddings",
+        {"--chunked_embeddings_dir": d, "--output_dir": tmp_path / "test_overfit"})
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *overfit, *fast, "--model_size", "micro"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    rc = exit_.value.code
     o = json.loads((tmp_path / "test_overfit" / "results.json").read_text())["overfit_test"]
     assert o["samples"] == 20 and o["passed"] is True and rc == 0 and o["cosine"] > 0.8
 
@@ -340,8 +354,16 @@ def test_report_to_tensorboard_writes_events_or_says_what_to_install(data, tmp_p
         with pytest.raises(RuntimeError, match="pip install"):
             train(tiny(data, tmp_path / "tb", report_to="tensorboard"))
         return
-    train(tiny(data, tmp_path / "tb", report_to="tensorboard"))
-    assert list((tmp_path / "tb" / "tensorboard").glob("events.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny(data, tmp_path / "tb", report_to="tensorboard", max_steps=3))
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logged if "loss" in r]
+    scalars = events.Scalars("loss")
+    assert [s.step for s in scalars] == [1, 2, 3] and len(losses) == 3
+    assert all(abs(s.value - v) < 1e-6 * max(1.0, abs(v)) for s, v in zip(scalars, losses))
 
 
 def test_inspect_cli(data, tmp_path, capsys):
@@ -358,14 +380,29 @@ def test_inspect_cli(data, tmp_path, capsys):
     assert f"FAILED {victim.name}" in capsys.readouterr().out
 
 
-def test_remaining_flags_have_their_effect(data, tmp_path, monkeypatch):
-    import blip3o_denoise.train as T
+def test_compile_trains_saves_and_resumes_like_eager(data, tmp_path, monkeypatch):
+    """--compile with the real torch.compile (the aot_eager backend: no C++ compiler on CPU), stopped at a
+    checkpoint and resumed under it: the same weights as an eager run (the saved names carry no compile prefix)."""
+    import functools
 
-    compiled = []
-    monkeypatch.setattr(T.torch, "compile", lambda m: compiled.append(m) or m)
-    res = train(tiny(data, tmp_path / "a", max_steps=4, compile=True, eval_every_n_steps=2, eval_samples=5,
+    real = torch.compile
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(1) or functools.partial(
+        real, backend="aot_eager")(m, **kw))
+    kw = dict(hidden_size=32, depth=1, num_heads=2, num_kv_heads=1, save_every_n_steps=2)
+    train(tiny(data, tmp_path / "c", max_steps=2, compile=True, **kw))
+    train(tiny(data, tmp_path / "c", max_steps=4, compile=True, resume=True, **kw))
+    assert len(calls) == 2
+    monkeypatch.setattr(torch, "compile", real)
+    train(tiny(data, tmp_path / "e", max_steps=4, **kw))
+    wc = load_file(str(checkpoint_dirs(tmp_path / "c")[-1] / "model.safetensors"))
+    we = load_file(str(checkpoint_dirs(tmp_path / "e")[-1] / "model.safetensors"))
+    assert set(wc) == set(we) and all(torch.allclose(wc[k], we[k], atol=1e-5) for k in we)
+
+
+def test_remaining_flags_have_their_effect(data, tmp_path):
+    res = train(tiny(data, tmp_path / "a", max_steps=4, eval_every_n_steps=2, eval_samples=5,
                      solver="heun", ema_decay=0.05, hidden_size=32, depth=1, num_heads=2, num_kv_heads=1))
-    assert len(compiled) == 1  # --compile wraps the model in torch.compile
     evals = [r for r in read_metrics(tmp_path / "a") if "eval" in r]
     assert [r["step"] for r in evals] == [2, 4]  # periodic at step 2, final at 4
     assert res["num_images"] == 5 and res["solver"] == "heun"
@@ -602,3 +639,37 @@ def test_finite_divergence_is_reported_in_the_log_and_results(data, tmp_path, mo
     assert res["divergence"][0]["loss"] > 100 * res["divergence"][0]["running_median"]
     assert "is diverging" in capsys.readouterr().out
     assert json.loads((tmp_path / "wild" / "results.json").read_text())["divergence"] == res["divergence"]
+
+
+def test_resume_below_the_checkpoint_step_is_refused(data, tmp_path, capsys):
+    """Resuming a run at step 4 with --max_steps 2 would train nothing and relabel the run's outputs: refused,
+    and the checkpoint's config stays as it is."""
+    out = tmp_path / "r"
+    train(tiny(data, out, max_steps=4, save_every_n_steps=2))
+    ck = checkpoint_dirs(out)[-1] / "config.json"
+    before = ck.read_text()
+    rc = main(["train", "--chunked_embeddings_dir", str(data), "--output_dir", str(out), "--model_size", "micro",
+               "--batch_size", "8", "--max_steps", "2", "--resume", "--no_progress"])
+    assert rc == 2 and "--max_steps 2: the run is already at step 4" in _one_error_line(capsys)
+    assert ck.read_text() == before and checkpoint_dirs(out)[-1].name == "step_00000004"
+
+
+def test_a_split_without_training_samples_names_the_split(tmp_path, capsys):
+    """Two samples, both held out at --holdout_fraction 0.999: the error names the split, not the batch size;
+    the refused run leaves no output directory behind."""
+    d = tmp_path / "d"
+    make_synthetic(d, SyntheticSpec(num_samples=2, eva_dim=16, clip_dim=8, tokens=16))
+    rc = main(["train", "--chunked_embeddings_dir", str(d), "--output_dir", str(tmp_path / "o"), "--model_size",
+               "micro", "--holdout_fraction", "0.999", "--no_progress"])
+    line = _one_error_line(capsys)
+    assert rc == 2 and "no training samples: --holdout_fraction 0.999 holds out all 2 samples" in line
+    assert "batch" not in line and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("suffix,text", [(".json", '{"batch_size": 8, "batch_size": 4}'),
+                                         (".yaml", "batch_size: 8\nlearning_rate: 0.001\nbatch_size: 4\n")])
+def test_a_config_file_naming_an_option_twice_is_refused(tmp_path, capsys, suffix, text):
+    f = tmp_path / f"c{suffix}"
+    f.write_text(text)
+    assert main(["train", "--config", str(f), "--chunked_embeddings_dir", str(tmp_path)]) == 2
+    assert f"--config {f}: option 'batch_size' is given twice" in _one_error_line(capsys)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
 from .distributed import load_full_model_state, load_full_state
+from .phases import record_phase
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "training_state.pt", "config.json")
 
@@ -40,6 +41,15 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- files
+
+
+def save_weights(state: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """``safetensors.save_file``, with the permissions of any other file this user writes: the library makes
+    its files 0600 whatever the umask, which hides a shared run's weights from the user's group."""
+    save_file(state, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -72,8 +82,8 @@ def save_checkpoint(out_dir: Path, step: int, model_sd: dict, ema_sd: dict, trai
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     tmp.mkdir()
-    save_file(model_sd, str(tmp / "model.safetensors"))
-    save_file(ema_sd, str(tmp / "ema.safetensors"))
+    save_weights(model_sd, tmp / "model.safetensors")
+    save_weights(ema_sd, tmp / "ema.safetensors")
     torch.save(training_state, tmp / "training_state.pt")
     (tmp / "config.json").write_text(json.dumps(run_config, indent=2))
     for f in tmp.iterdir():
@@ -115,7 +125,7 @@ def export_model(out_dir: Path, ema_sd: dict, run_config: dict) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(ema_sd, str(tmp / "model.safetensors"))
+    save_weights(ema_sd, tmp / "model.safetensors")
     (tmp / "config.json").write_text(json.dumps(run_config, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -256,6 +266,7 @@ def resume(out: Path, cfg: TrainConfig, run_config: dict, model, ema, optimizer,
     set_rng_state(st["rng"])
     if stream is not None:
         stream.load_state_dict(stream_state(st["stream"], stream, ck, say))
+    record_phase(saved_config, run_config, int(st["step"]))
     pos = Position(int(st["step"]), int(st["epoch"]), int(st["batch_in_epoch"]), int(st.get("skipped_nonfinite", 0)))
     skipped = f" (skipping {len(unreadable)} unreadable newer checkpoint(s))" if unreadable else ""
     say(f"resumed from {ck} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch_in_epoch}){skipped}")

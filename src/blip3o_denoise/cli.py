@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
+
+from .checks import check_guidance, check_options, write_atomically
+from .lock import LOCK_NAME, command_line, output_lock
+
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, its help text from the field; a bool that defaults to true
@@ -38,19 +43,40 @@ def load_config_file(path: str) -> dict:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader(yaml, p))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             raise ValueError(f"--config {p}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
     else:
+        def unique(pairs):
+            keys = [k for k, _ in pairs]
+            twice = [k for i, k in enumerate(keys) if k in keys[:i]]
+            if twice:
+                raise ValueError(f"--config {p}: option {twice[0]!r} is given twice")
+            return dict(pairs)
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique)
         except json.JSONDecodeError as e:
             raise ValueError(f"--config {p}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
     if not isinstance(data, dict):
         raise ValueError(f"--config {p}: expected a mapping of option names to values")
     return data
+
+
+def _unique_key_loader(yaml, path: Path):
+    """yaml's safe loader, refusing a mapping that names a key twice (the last would silently win)."""
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            twice = [k for i, k in enumerate(keys) if k in keys[:i]]
+            if twice:
+                raise ValueError(f"--config {path}: option {twice[0]!r} is given twice (line "
+                                 f"{node.start_mark.line + 1})")
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def train_config_from_args(ns: argparse.Namespace):
@@ -105,9 +131,10 @@ def _figure_path(ns) -> Path | None:
 def cmd_evaluate(ns) -> int:
     import time
 
-    from .data.dataset import keys_in_training, load_eval_split, refuse_nonfinite, training_split
+    from .data.dataset import load_eval_split, refuse_nonfinite, training_split
     from .evaluate import evaluate, fit_baselines, format_results, nonfinite_fields
     from .figures import load_images_json, retrieval_figure
+    from .phases import keys_trained_by_run, min_holdout_fraction, phase_opener
     from .pipeline import Denoiser
 
     started = time.time()
@@ -123,6 +150,7 @@ def cmd_evaluate(ns) -> int:
                 raise ValueError("--plot / --images_json need matplotlib: pip install blip3o-denoise[plot]") from None
             figure = None
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
+    check_guidance(ns.guidance, den.model.cfg, ns.checkpoint)
     cfg = den.config
     ds = load_eval_split(cfg, ns.chunked_embeddings_dir, ns.split, ns.holdout_fraction, ns.num_samples,
                          **remote_options(ns))
@@ -131,13 +159,18 @@ def cmd_evaluate(ns) -> int:
     batch = ds.stack()  # the held-out samples are read once, for every metric
     refuse_nonfinite(batch, ds, ("condition", "target"))
     train_set = training_split(cfg, ns.train_dir, **remote_options(ns))
-    in_training = keys_in_training(ds, train_set)
+    if train_set is not None and (train_set.target_dim, train_set.cond_dim) != (ds.target_dim, ds.cond_dim):
+        raise ValueError(f"--train_dir {ns.train_dir or cfg['train']['chunked_embeddings_dir']}: target width "
+                         f"{train_set.target_dim} and condition width {train_set.cond_dim}; the run and "
+                         f"{ns.chunked_embeddings_dir} have {ds.target_dim} and {ds.cond_dim}: not this run's data")
+    in_training = keys_trained_by_run(ds, cfg, train_set, phase_opener(cfg, ns.train_dir, **remote_options(ns)))
     if in_training and not ns.allow_train_samples:
+        run_frac = min_holdout_fraction(cfg)
         raise ValueError(
             f"{ns.chunked_embeddings_dir}: {len(in_training)} of the {len(ds)} evaluation samples were in the run's "
             f"training split (e.g. key {in_training[0]!r}; split '{ns.split}', holdout fraction "
-            f"{cfg['train']['holdout_fraction'] if ns.holdout_fraction is None else ns.holdout_fraction}, the run's "
-            f"{cfg['train']['holdout_fraction']}): their scores are not held-out scores. Evaluate the held-out split "
+            f"{run_frac if ns.holdout_fraction is None else ns.holdout_fraction}, the run's {run_frac}, the smallest "
+            "of its phases): their scores are not held-out scores. Evaluate the held-out split "
             "(--split heldout, the run's --holdout_fraction) or another directory, or pass --allow_train_samples to "
             "score them anyway, labelled as not held out"
         )
@@ -173,8 +206,7 @@ def cmd_evaluate(ns) -> int:
     elif figure is not None:
         print("no retrieval picture: generation from pure noise did not run (the run never trained at level 1)")
     if ns.output:
-        Path(ns.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.output).write_text(json.dumps(result, indent=2))
+        write_atomically(ns.output, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         print(f"wrote {ns.output}")
     return 0
 
@@ -188,12 +220,13 @@ def cmd_sweep(ns) -> int:
 
 def cmd_generate(ns) -> int:
     import torch
-    from safetensors.torch import save_file
 
+    from .checkpoint import save_weights
     from .data.dataset import load_eval_split, refuse_nonfinite
     from .pipeline import Denoiser
 
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
+    check_guidance(ns.guidance, den.model.cfg, ns.checkpoint)
     ds = load_eval_split(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.max_samples, **remote_options(ns))
     outs, keys = [], []
     for i in range(0, len(ds), ns.batch_size):
@@ -206,9 +239,9 @@ def cmd_generate(ns) -> int:
                              "nothing written (a diverged checkpoint?)")
         keys += [ds.emb.keys[int(j)] for j in batch["index"]]
     out = Path(ns.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"embeddings": torch.cat(outs).contiguous()}, str(out),
-              metadata={"keys": json.dumps(keys), "task_mode": den.config["train"]["task_mode"]})
+    embeddings = torch.cat(outs).contiguous()
+    write_atomically(out, lambda tmp: save_weights({"embeddings": embeddings}, tmp, metadata={
+        "keys": json.dumps(keys), "task_mode": den.config["train"]["task_mode"]}))
     print(f"wrote {len(keys)} generated samples to {out}")
     return 0
 
@@ -223,7 +256,8 @@ def cmd_extract(ns) -> int:
                         shard_size=ns.shard_size, trust_remote_code=ns.trust_remote_code, max_images=ns.max_images,
                         progress=not ns.no_progress)
     try:
-        s = extract(cfg)
+        with output_lock(ns.output, command_line(), flag="--output"):
+            s = extract(cfg)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -236,7 +270,22 @@ def cmd_extract(ns) -> int:
 CONVERT_ONLY = {"store": ("chunk",), "litdata": ("holdout_fraction", "chunk_samples", "endpoint_url")}
 
 
+def refuse_source_as_destination(src: str, dst: str) -> None:
+    """Converting into the source, or into a folder of seed shards, would mix the output with other data."""
+    from .data.remote import is_remote
+    from .data.seed_format import list_seed_shards
+
+    if is_remote(dst) or not Path(dst).exists():
+        return
+    s, d = Path(src).resolve(), Path(dst).resolve()
+    if s == d:
+        raise ValueError(f"dst {dst}: is the source directory; convert into a separate directory")
+    if d.is_dir() and list_seed_shards(d):
+        raise ValueError(f"dst {dst}: holds seed-format .pkl shards; convert into a separate directory")
+
+
 def cmd_convert(ns) -> int:
+    refuse_source_as_destination(ns.src, ns.dst)
     for fmt, names in CONVERT_ONLY.items():
         given = [f"--{n}" for n in names if getattr(ns, n) is not None]
         if ns.format != fmt and given:
@@ -248,8 +297,9 @@ def cmd_convert(ns) -> int:
 
     if is_remote(ns.dst):
         raise ValueError(f"{ns.dst}: the store is written to a local directory; --format litdata writes to s3://")
-    m = convert(ns.src, ns.dst, dtype=ns.dtype, chunk=16 if ns.chunk is None else ns.chunk,
-                max_shards=ns.max_shards or None, progress=not ns.no_progress, ignore_manifest=ns.ignore_manifest)
+    with output_lock(ns.dst, command_line(), flag="dst"):
+        m = convert(ns.src, ns.dst, dtype=ns.dtype, chunk=16 if ns.chunk is None else ns.chunk,
+                    max_shards=ns.max_shards or None, progress=not ns.no_progress, ignore_manifest=ns.ignore_manifest)
     print(f"{ns.dst}: {m['total_samples']} samples in {len(m['shards'])} shards ({m['dtype']}, N={m['tokens']}, "
           f"clip {m['clip_dim']}, eva {m['eva_dim']})")
     return 0
@@ -257,15 +307,16 @@ def cmd_convert(ns) -> int:
 
 def _convert_litdata(ns) -> int:
     from .data.dataset import Embeddings
-    from .data.remote import storage_options, write_engine_dataset
+    from .data.remote import is_remote, storage_options, write_engine_dataset
 
     # what the store path checks too: a seed directory whose manifest disagrees with its shards
     Embeddings(ns.src, ns.max_shards or None, check_manifest=not ns.ignore_manifest)
     holdout = 0.05 if ns.holdout_fraction is None else ns.holdout_fraction
     chunk = 16 if ns.chunk_samples is None else ns.chunk_samples
-    m = write_engine_dataset(ns.src, ns.dst, holdout_fraction=holdout, dtype=ns.dtype, chunk_samples=chunk,
-                             storage_options=storage_options(ns.endpoint_url or ""), max_shards=ns.max_shards or None,
-                             progress=not ns.no_progress)
+    with output_lock(ns.dst, command_line(), enabled=not is_remote(ns.dst), flag="dst"):
+        m = write_engine_dataset(ns.src, ns.dst, holdout_fraction=holdout, dtype=ns.dtype, chunk_samples=chunk,
+                                 storage_options=storage_options(ns.endpoint_url or ""),
+                                 max_shards=ns.max_shards or None, progress=not ns.no_progress)
     parts = m["parts"]
     print(f"{ns.dst}: {m['total_samples']} samples in LitData chunks of {m['chunk_samples']} "
           f"(train/ {parts['train']['samples']}, eval/ {parts['eval']['samples']} held out at holdout_fraction "
@@ -300,7 +351,13 @@ def cmd_make_synthetic(ns) -> int:
 
     spec = SyntheticSpec(num_samples=ns.num_samples, eva_dim=ns.eva_dim, clip_dim=ns.clip_dim, tokens=ns.tokens,
                          num_shards=ns.num_shards, seed=ns.seed, target_noise=ns.target_noise)
-    make_synthetic(ns.out, spec, progress=True)
+    with output_lock(ns.out, command_line(), flag="out"):
+        there = sorted(p.name for p in Path(ns.out).iterdir() if p.name != LOCK_NAME)
+        if there:
+            listed = ", ".join(there[:3]) + (" ..." if len(there) > 3 else "")
+            raise FileExistsError(f"out {ns.out}: not empty ({listed}); synthetic shards go into a new or empty "
+                                  "directory")
+        make_synthetic(ns.out, spec, progress=True)
     print(f"{ns.out}: {spec.num_samples} samples, N={spec.tokens}, eva {spec.eva_dim}, clip {spec.clip_dim}; "
           f"best achievable point cosine {spec.best_point_cosine:.4f}")
     return 0
@@ -328,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory)")
     e.add_argument("--holdout_fraction", type=float, default=None, help="default: the training run's")
     e.add_argument("--num_samples", type=int, default=256)
-    e.add_argument("--num_inference_steps", type=int, default=0, help="default: the training run's")
+    e.add_argument("--num_inference_steps", type=int, default=None, help="default: the training run's")
     e.add_argument("--solver", default="", help="default: the training run's")
     e.add_argument("--noise_levels", default="0.3,0.5,0.7,0.9")
     e.add_argument("--guidance", type=float, default=1.0)
@@ -463,6 +520,18 @@ COMMANDS = {
 }
 
 
+# What a rerun does after Ctrl-C, per command
+RESUME_HINT = {
+    "train": "checkpoints are written whole: rerun the same command with --resume to continue from the newest one "
+             "(--save_every_n_steps sets how often one is saved)",
+    "extract": "rerun the same command: the images already encoded are skipped",
+    "convert": "rerun the same command: the shards already converted are kept",
+}
+# OS errors that are the environment's, not a bug: a full disk, a read-only or missing place, a loop
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ELOOP, errno.EACCES, errno.ENAMETOOLONG,
+                      errno.EEXIST, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EIO}
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the input's fault, not the program's: printed as one line, no traceback."""
     import yaml
@@ -479,9 +548,17 @@ def main(argv: list[str] | None = None) -> int:
     traceback too under --debug_mode)."""
     ns = build_parser().parse_args(argv)
     try:
+        if ns.command != "train":  # TrainConfig checks train's options
+            check_options(ns)
         return COMMANDS[ns.command](ns)
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {RESUME_HINT.get(ns.command, 'nothing half-written is kept: run it again')}",
+              file=sys.stderr)
+        return 130
     except Exception as e:
-        if not isinstance(e, user_errors()):
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS and not isinstance(e, user_errors()):
+            e = ValueError(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+        elif not isinstance(e, user_errors()):
             raise
         if getattr(ns, "debug_mode", False):
             import traceback

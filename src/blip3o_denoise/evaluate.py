@@ -35,6 +35,9 @@ QUALITY_THRESHOLDS = {"eva_denoising": (0.7, 0.8, 0.9), "clip_denoising": (0.6, 
 # the seed README's ratings: (excellent, good, fair)
 RATINGS = {"eva_denoising": (0.8, 0.7, 0.5), "clip_denoising": (0.7, 0.6, 0.4)}
 DEFAULT_NOISE_LEVELS = (0.3, 0.5, 0.7, 0.9)
+# A model "beats" a baseline only when its mean per-image cosine is higher by more than this and by more
+# than two standard errors of the paired per-image difference: a copy of the input plus noise is not a win.
+MIN_MARGIN = 0.005
 
 
 @dataclass
@@ -186,6 +189,19 @@ def generation_verdict(entry: dict) -> dict:
     return out
 
 
+def margin_over(pred: torch.Tensor, base: torch.Tensor, target: torch.Tensor) -> dict:
+    """Whether ``pred`` beats ``base`` (both ``[B, N, D]`` against ``target``) by more than sampling noise:
+    the mean paired per-image cosine difference, the margin it needed, and the verdict."""
+    def per_image(x):
+        return (sphere.normalize(x.float()) * sphere.normalize(target.float())).sum(-1).clamp(-1, 1).mean(1)
+
+    diff = per_image(pred) - per_image(base)
+    if diff.numel() < 2:  # no spread to measure: not shown
+        return {"difference": float(diff.mean()), "required": None, "beats": False}
+    need = max(MIN_MARGIN, 2 * float(diff.std() / math.sqrt(diff.numel())))
+    return {"difference": float(diff.mean()), "required": need, "beats": float(diff.mean()) > need}
+
+
 def rating(cos: float, task_mode: str) -> str:
     excellent, good, fair = RATINGS[task_mode]
     return "excellent" if cos > excellent else "good" if cos > good else "fair" if cos > fair else "poor"
@@ -315,12 +331,14 @@ def evaluate(
         pts = points(noisy, s)
         pe = token_metrics(pts["posterior_mean"], target, thresholds)
         identity = token_metrics(noisy, target, thresholds)
+        margin = margin_over(pts["posterior_mean"], noisy, target)
         entry = {
             "model": token_metrics(out, target, thresholds),
             "point_estimate": pe,
             "point_estimate_exp_map": token_metrics(pts["exp_map"], target, thresholds),
-            "rating": rating(pe["cosine_mean"], task_mode),
-            "beats_identity": pe["cosine_mean"] > identity["cosine_mean"],
+            "rating": rating(pe["cosine_mean"], task_mode) if margin["beats"] else "not better than identity",
+            "beats_identity": margin["beats"],
+            "identity_margin": margin,
             "baselines": {"identity": identity},
         }
         if task_mode == "eva_denoising" and cond.shape == target.shape:
@@ -375,7 +393,11 @@ def format_results(result: dict) -> str:
     if result.get("denoising"):
         lines.append(f"{'denoising':<22}{'model':>10}{'point est.':>12}{'identity':>10}  verdict (point estimate)")
         for s, d in result["denoising"].items():
-            verdict = d["rating"] + ("" if d["beats_identity"] else ", but NOT better than the noisy input")
+            m = d.get("identity_margin", {})
+            need = m.get("required", MIN_MARGIN)
+            verdict = d["rating"] if d["beats_identity"] else (
+                f"NOT better than the noisy input (by {m.get('difference', 0):+.4f}; "
+                + ("one image: too few to tell)" if need is None else f"a win needs > {need:.4f})"))
             if "copy_condition" in d["baselines"]:  # eva_denoising: the condition is the clean target
                 verdict += (f"; copying the condition scores {d['baselines']['copy_condition']['cosine_mean']:.4f} "
                             "(the condition is the clean target)")

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data.safe_pickle import MemoryTensor
 from .data.seed_format import SEED_MANIFEST, Shard, write_seed_manifest, write_seed_shard
-from .data.store import append_store_shard, read_store_manifest
+from .data.store import STORE_MANIFEST, append_store_shard, read_store_manifest
+from .distributed import resolve_device
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -184,6 +185,9 @@ def encode(enc: Encoder, pixels: torch.Tensor, layer: int) -> torch.Tensor:
     out = enc.model(pixel_values=pixels.to(device=p.device, dtype=p.dtype), output_hidden_states=True)
     hidden = getattr(out, "hidden_states", None)
     if hidden is not None:
+        if not -len(hidden) <= layer < len(hidden):
+            raise ValueError(f"--layer {layer}: encoder '{enc.name}' has {len(hidden)} hidden states (layers "
+                             f"{-len(hidden)} .. {len(hidden) - 1}; -1 is the last)")
         return hidden[layer].float()
     if layer != -1:
         raise ValueError(f"encoder '{enc.name}' does not return hidden states: only --layer -1 is available")
@@ -216,14 +220,37 @@ def _done_ranges(cfg: ExtractConfig, out: Path) -> tuple[set, list]:
     return {s["source"] for s in shards}, shards
 
 
+# What decides the numbers in a shard: a rerun into an output made with other values would mix two datasets
+RECIPE = ("target_model", "condition_model", "layer", "training_mode", "format", "store_dtype", "shard_size")
+
+
+def _check_same_recipe(cfg: ExtractConfig, out: Path, precision: str) -> None:
+    """Refuse to add to (or skip over) shards of ``out`` that were extracted with other settings."""
+    other = SEED_MANIFEST if cfg.format == "store" else STORE_MANIFEST
+    if (out / other).exists():
+        raise ValueError(f"--output {out}: holds a {'seed' if cfg.format == 'store' else 'store'}-format dataset "
+                         f"({other}); this run writes --format {cfg.format}: choose another --output")
+    m = read_store_manifest(out) if cfg.format == "store" else (
+        json.loads((out / SEED_MANIFEST).read_text()) if (out / SEED_MANIFEST).exists() else None)
+    before = (m or {}).get("extraction")
+    if not before:
+        return
+    was = {**before.get("options", {}), "precision": before.get("precision")}
+    now = {**asdict(cfg), "precision": precision}
+    changed = [f"--{k} {was.get(k)!r} -> {now[k]!r}" for k in (*RECIPE, "precision") if was.get(k) != now[k]]
+    if changed:
+        raise ValueError(f"--output {out}: holds embeddings extracted with other settings ({', '.join(changed)}); "
+                         "their shards would be kept as they are and mixed with new ones: extract into a new "
+                         "--output, or delete this one")
+
+
 def extract(cfg: ExtractConfig) -> dict:
     started = time.time()
     if cfg.format not in ("store", "seed"):
         raise ValueError(f"--format: expected store or seed, got {cfg.format!r}")
     if cfg.training_mode not in ("patch_only", "cls_patch"):
         raise ValueError(f"--training_mode: expected patch_only or cls_patch, got {cfg.training_mode!r}")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     items = list_items(cfg.images)
@@ -231,6 +258,7 @@ def extract(cfg: ExtractConfig) -> dict:
         items = items[: cfg.max_images]
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    _check_same_recipe(cfg, out, precision)
     done, shard_entries = _done_ranges(cfg, out)
     ranges = [(s, min(s + cfg.shard_size, len(items))) for s in range(0, len(items), cfg.shard_size)]
     todo = [(i, a, b) for i, (a, b) in enumerate(ranges) if f"images[{a}:{b}]" not in done]

@@ -63,11 +63,32 @@ class Denoiser:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> "Denoiser":
+        from .distributed import resolve_device
+
+        device = resolve_device(str(device))  # a device this machine lacks: a ValueError, before any reading
         ck = resolve_checkpoint(path)
-        run_config = json.loads((ck / "config.json").read_text())
-        model = UniversalDiT(ModelConfig(**run_config["model"]))
+        try:
+            run_config = json.loads((ck / "config.json").read_text())
+            model = UniversalDiT(ModelConfig(**run_config["model"]))
+            for key in ("flow", "train", "data"):
+                if not isinstance(run_config.get(key, {}), dict):
+                    raise ValueError(f"'{key}' is not a mapping")
+            missing = [k for k in ("prediction_type", "max_noise_level") if k not in run_config["flow"]]
+            if missing:
+                raise ValueError(f"no flow {', '.join(missing)}")
+        except Exception as e:  # torn JSON, missing or mistyped fields
+            raise ValueError(f"{ck / 'config.json'}: not a run config this version reads ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from e
         weights = ck / ("ema.safetensors" if use_ema and (ck / "ema.safetensors").exists() else "model.safetensors")
-        model.load_state_dict(load_file(str(weights)))
+        try:
+            state = load_file(str(weights))
+        except Exception as e:  # truncated or corrupt
+            raise ValueError(f"{weights}: unreadable weights ({type(e).__name__}: {str(e)[:200]})") from e
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # sizes or names that do not match config.json
+            first = str(e).split("\n\t")[1:2] or [str(e)[:200]]
+            raise ValueError(f"{weights}: the weights do not match {ck / 'config.json'} ({first[0].strip()})") from e
         return cls(model.to(device), run_config)
 
     @property

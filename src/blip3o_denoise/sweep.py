@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import sphere
+from .checks import write_atomically
 from .distribution import distribution_metrics
 from .evaluate import fit_baselines, mean_of_k_cosine
 from .retrieval import evaluate_retrieval
@@ -104,7 +105,8 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 
 def run_sweep(ns) -> dict:
-    from .data.dataset import keys_in_training, load_eval_split, training_split
+    from .data.dataset import load_eval_split, training_split
+    from .phases import keys_trained_by_run, phase_opener
     from .pipeline import Denoiser
 
     started = time.time()
@@ -126,7 +128,7 @@ def run_sweep(ns) -> dict:
     ds = load_eval_split(den.config, ns.chunked_embeddings_dir, ns.split, None, ns.num_samples, **remote)
     batch = ds.stack()
     train_set = training_split(den.config, "", **remote)
-    in_training = keys_in_training(ds, train_set)
+    in_training = keys_trained_by_run(ds, den.config, train_set, phase_opener(den.config, "", **remote))
     if in_training and not ns.allow_train_samples:
         raise ValueError(
             f"{ns.chunked_embeddings_dir}: {len(in_training)} of the {len(ds)} sweep samples were in the run's "
@@ -152,8 +154,7 @@ def run_sweep(ns) -> dict:
     result["steps_within_10pct_of_best_fd"] = steps_to_match(result["rows"])
     result["seconds"] = round(time.time() - started, 2)
     out = Path(ns.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_atomically(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     key = f"mean_of_{result['k']}"
     print(f"{'solver':<9}{'steps':>6}{'calls':>6}{'w':>5}{'single':>9}{'mean of ' + str(result['k']):>11}{'point':>8}"
           f"{'FD':>8}{'prec.':>7}{'recall':>7}{'top-1':>7}{'s':>7}")

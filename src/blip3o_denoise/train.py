@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +24,9 @@ from .checkpoint import (
 from .config import TrainConfig, auto_learning_rate
 from .data.dataset import PairDataset, split_indices
 from .data.noise import NoiseCollate
-from .data.remote import default_cache_dir, open_dataset, storage_options, streaming_loader, streaming_train_set
+from .data.remote import (
+    check_chunks_present, default_cache_dir, open_dataset, storage_options, streaming_loader, streaming_train_set,
+)
 from .distributed import (
     ResumableSampler, all_ranks_max, barrier, full_model_state, full_optimizer_state, gradient_sync, is_fsdp,
     is_main, process_group, resolve_device, shard, unwrap, world, wrap_for_training,
@@ -32,7 +34,9 @@ from .distributed import (
 from .evaluate import Baselines, EvalConfig, evaluate, evaluation_cost, fit_baselines, format_results
 from .flow import PathSample, flow_loss, path_from, prediction_to_velocity
 from .flowmap import consistency_target
+from .lock import acquire, command_line, release
 from .model import UniversalDiT, config_from_preset
+from .phases import earlier_trained_keys, phase_of
 from .report import TrainingError, TrainLog
 
 __all__ = ["TrainConfig", "TrainingError", "build", "train", "checkpoint_dirs", "lr_lambda"]
@@ -159,6 +163,11 @@ def build_data(cfg: TrainConfig) -> Splits:
         for e in {id(emb): emb, id(eval_emb): eval_emb}.values():
             if e.format != "litdata":
                 e.check_finite()
+    if not train_idx:
+        raise ValueError(
+            f"{cfg.chunked_embeddings_dir}: no training samples: --holdout_fraction {cfg.holdout_fraction} holds out "
+            f"all {len(emb)} samples; lower it, or use more data"
+        )
     if not held_idx:
         raise ValueError(
             f"{cfg.chunked_embeddings_dir}: no held-out samples (holdout_fraction={cfg.holdout_fraction}, "
@@ -184,6 +193,9 @@ def build_data(cfg: TrainConfig) -> Splits:
             "tokens one to one: use --conditioning cross_attention"
         )
     stream = None
+    if eval_emb.format == "litdata":  # read only when training ends: a missing chunk is named now
+        for part in ("train", "eval") if cfg.eval_dir else ("eval",):  # --eval_dir: every sample is evaluated
+            check_chunks_present(cfg.eval_dir or cfg.chunked_embeddings_dir, part, storage_options(cfg.endpoint_url))
     if emb.format == "litdata":  # the same training samples, streamed (the split was made when converting)
         stream = streaming_train_set(
             cfg.chunked_embeddings_dir, cfg.task_mode, cfg.training_mode, cfg.holdout_fraction, cfg.seed,
@@ -243,6 +255,8 @@ def build(cfg: TrainConfig) -> Run:
         raise ValueError(
             f"{len(train_set)} training samples per process make {micro_per_epoch} batches of {cfg.batch_size}, "
             f"fewer than --gradient_accumulation_steps {cfg.gradient_accumulation_steps}: lower one of them"
+            + (f" (--holdout_fraction {cfg.holdout_fraction} holds out {data.num_heldout} of the "
+               f"{data.num_heldout + len(train_set)} samples: lower it, or use more data)" if not cfg.eval_dir else "")
         )
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -258,6 +272,7 @@ def build(cfg: TrainConfig) -> Run:
             "format": data.format, "num_train": len(train_set), "num_heldout": data.num_heldout,
         },
     }
+    run_config["train_phases"] = [phase_of(run_config["train"])]
     return Run(cfg, device, train_set, data.eval, data.overfit, model, ema, optimizer, scheduler, sampler,
                steps_per_epoch, total_steps, run_config, stream=stream, noise=noise, num_workers=workers)
 
@@ -293,6 +308,23 @@ def final_eval_samples(cfg: TrainConfig, total_steps: int, ecfg: EvalConfig, ava
     return min(available, max(8, int(FINAL_EVAL_SHARE * train_calls / per_sample)))
 
 
+# Sampling steps of the final in-training evaluation are lowered to fit its budget, never below this (or the
+# asked number, if smaller): a huge --num_inference_steps must not make the evaluation cost more than training.
+FINAL_EVAL_MIN_STEPS = 10
+
+
+def final_eval_steps(cfg: TrainConfig, total_steps: int, ecfg: EvalConfig) -> int:
+    """Sampling steps of the final in-training evaluation: ``ecfg.num_steps``, halved while its 8-sample floor
+    would cost more than :data:`FINAL_EVAL_SHARE` of the training compute (not below FINAL_EVAL_MIN_STEPS)."""
+    budget = FINAL_EVAL_SHARE * 3 * total_steps * cfg.batch_size * cfg.gradient_accumulation_steps
+    floor, steps = min(ecfg.num_steps, FINAL_EVAL_MIN_STEPS), ecfg.num_steps
+    gen = cfg.max_noise_level >= 1.0 - 1e-6
+    while steps > floor and 8 * evaluation_cost(replace(ecfg, num_steps=steps), gen, cfg.min_noise_level,
+                                                cfg.max_noise_level) > budget:
+        steps = max(floor, steps // 2)
+    return steps
+
+
 def run_evaluation(run: Run, step: int, model, final: bool = False) -> dict:
     """Held-out evaluation with the EMA weights: light during training, bounded at the end."""
     cfg = run.cfg
@@ -302,6 +334,7 @@ def run_evaluation(run: Run, step: int, model, final: bool = False) -> dict:
     if final:  # the ridge baseline maps a condition token to the target token at the same position
         baselines = fit_baselines(run.train_set, ridge=run.train_set.cond_tokens == run.train_set.tokens)
         ecfg = EvalConfig(sample_counts=FINAL_SAMPLE_COUNTS, **common)
+        ecfg.num_steps = final_eval_steps(cfg, run.total_steps, ecfg)
         n = final_eval_samples(cfg, run.total_steps, ecfg, n)
     else:
         if run.light_baselines is None:
@@ -313,8 +346,12 @@ def run_evaluation(run: Run, step: int, model, final: bool = False) -> dict:
                          cfg.min_noise_level, cfg.max_noise_level, ecfg, baselines)
     res["step"] = step
     if final:
+        fewer = (f", {ecfg.num_steps} sampling steps instead of {cfg.num_inference_steps} (the evaluation's budget "
+                 f"is {FINAL_EVAL_SHARE:.0%} of the training compute)" if ecfg.num_steps < cfg.num_inference_steps
+                 else "")
         res["note"] = (f"in-training evaluation on {res['num_images']} of {len(run.eval_set)} held-out samples "
-                       f"(K = {', '.join(map(str, FINAL_SAMPLE_COUNTS))}); the full one: blip3o-denoise evaluate")
+                       f"(K = {', '.join(map(str, FINAL_SAMPLE_COUNTS))}{fewer}); the full one: blip3o-denoise "
+                       "evaluate")
     if run.overfit_set is not None:
         res["overfit_test"] = overfit_check(run, model)
     return res
@@ -342,9 +379,30 @@ def overfit_check(run: Run, model) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; return the final evaluation (also written to OUTPUT/results.json)."""
-    resolve_device(cfg.device)  # a device this machine lacks is refused before anything starts
-    with process_group(cfg.device):
+    if "://" in cfg.output_dir:  # Path() would make "s3://b/run" a local folder "s3:/b/run"
+        raise ValueError(f"--output_dir {cfg.output_dir}: a local directory is needed (checkpoints are written "
+                         "locally; the training data may be s3://)")
+    device = resolve_device(cfg.device)  # a device this machine lacks is refused before anything starts
+    with process_group(cfg.device), one_writer(cfg.output_dir, device):
         return _train(cfg)
+
+
+@contextmanager
+def one_writer(output_dir: str, device: torch.device):
+    """Rank 0 holds the output directory's lock for the run; every rank stops if it cannot (collective)."""
+    held, err = None, None
+    if is_main():
+        try:
+            held = acquire(output_dir, command_line(), "--output_dir")
+        except FileExistsError as e:
+            err = e
+    try:
+        if bool(all_ranks_max(torch.tensor(float(err is not None), device=device))):
+            raise err or FileExistsError(f"{output_dir}: rank 0 could not lock the output directory")
+        yield
+    finally:
+        if held is not None:
+            release(*held)
 
 
 def _train(cfg: TrainConfig) -> dict:
@@ -392,12 +450,43 @@ def start_position(run: Run, out: Path, say) -> Position:
     """Step 0, or where the newest intact checkpoint left off (--resume); a fresh run refuses a directory
     that holds an earlier run's checkpoints."""
     if run.cfg.resume:
-        return resume(out, run.cfg, run.run_config, run.model, run.ema, run.optimizer, run.scheduler, say,
-                      stream=run.stream)
+        pos = resume(out, run.cfg, run.run_config, run.model, run.ema, run.optimizer, run.scheduler, say,
+                     stream=run.stream)
+        if pos.step > run.total_steps:  # nothing to train, and finishing would relabel the run's outputs
+            what = f"--max_steps {run.cfg.max_steps}" if run.cfg.max_steps else f"--num_epochs {run.cfg.num_epochs}"
+            raise ValueError(f"{what}: the run is already at step {pos.step} (its newest checkpoint), past the "
+                             f"{run.total_steps} steps asked for: nothing would be trained. Resume with more steps, "
+                             "or use the checkpoint as it is")
+        drop_earlier_training_samples(run, say)
+        return pos
     if is_main() and checkpoint_dirs(out):
         raise FileExistsError(f"{out}: holds checkpoints from an earlier run; pass --resume to continue it or "
                               "choose a new --output_dir")
     return Position()
+
+
+def drop_earlier_training_samples(run: Run, say) -> None:
+    """After a resume that changed the split: held-out samples that an earlier phase trained on leave the
+    evaluation set (they are training samples for good)."""
+    ev = run.eval_set
+    keys = [ev.emb.keys[i] for i in ev.indices]
+
+    def open_dir(path, max_shards):
+        try:
+            return open_dataset(path, max_shards, **remote_options(run.cfg))
+        except (OSError, ValueError):
+            return None
+
+    trained = earlier_trained_keys(run.run_config, keys, run.train_set.emb, open_dir)
+    if not trained:
+        return
+    ev.indices = [i for i, k in zip(ev.indices, keys) if k not in trained]
+    if not ev.indices:
+        raise ValueError(f"--holdout_fraction {run.cfg.holdout_fraction}: every held-out sample was trained on in an "
+                         "earlier phase of this run (before a resume with another split); nothing is left to "
+                         "evaluate: resume with the earlier split or pass --eval_dir")
+    say(f"note: {len(trained)} held-out samples were trained on before this resume changed the split; they are "
+        f"not evaluated ({len(ev.indices)} left)")
 
 
 def epoch_steps(run: Run, pos: Position):

@@ -205,7 +205,8 @@ def load_eval_split(run_config: dict, directory: str, split: str, holdout_fracti
                     max_samples: int, cache_dir: str = "", max_cache_size: str = "50GB",
                     endpoint_url: str = "") -> PairDataset:
     """The samples of ``directory`` a trained run is evaluated on: its held-out split (``split="heldout"``,
-    the run's holdout fraction unless given) or all of them; checked against the widths the run trained on.
+    by default the smallest holdout fraction any phase of the run trained with) or all of them; checked
+    against the widths the run trained on.
 
     ``directory`` is seed shards, a store, or a converted dataset, local or ``s3://`` (read through
     :func:`~blip3o_denoise.data.remote.open_dataset`, chunks cached in ``cache_dir``). The held-out
@@ -215,7 +216,10 @@ def load_eval_split(run_config: dict, directory: str, split: str, holdout_fracti
     if split == "all":
         idx = list(range(len(emb)))
     else:
-        _, idx = split_indices(emb.keys, tr["holdout_fraction"] if holdout_fraction is None else holdout_fraction)
+        from ..phases import min_holdout_fraction
+
+        frac = min_holdout_fraction(run_config) if holdout_fraction is None else holdout_fraction
+        _, idx = split_indices(emb.keys, frac)
     if max_samples:
         idx = idx[:max_samples]
     if not idx:
@@ -233,15 +237,18 @@ def load_eval_split(run_config: dict, directory: str, split: str, holdout_fracti
 
 
 def refuse_nonfinite(batch: dict, ds, names: tuple[str, ...]) -> None:
-    """A ValueError naming the key of the first sample whose ``names`` tensors hold NaN or inf."""
+    """A ValueError naming the key of the first sample whose ``names`` tensors hold NaN or inf, or a token that
+    normalised to zero (an all-zero token, or one whose norm overflows float32)."""
     for name in names:
-        bad = ~torch.isfinite(batch[name]).flatten(1).all(dim=1)
+        x = batch[name]
+        bad = ~(torch.isfinite(x).flatten(1).all(dim=1) & (x.norm(dim=-1) > 0.5).flatten(1).all(dim=1))
         if bool(bad.any()):
             i = int(batch["index"][int(bad.nonzero()[0])])
             shard, row = ds.emb.locate(i)
             raise ValueError(
-                f"{shard.path}: sample {row} (key {ds.emb.keys[i]!r}) has non-finite values (NaN or inf) in its "
-                f"{name}; `blip3o-denoise inspect --check_values` lists such shards"
+                f"{shard.path}: sample {row} (key {ds.emb.keys[i]!r}) has non-finite values (NaN or inf), an all-zero "
+                f"token or a token whose norm overflows float32 in its {name}; `blip3o-denoise inspect "
+                "--check_values` lists such shards"
             )
 
 
@@ -277,10 +284,3 @@ def _open(path: str, max_shards: int | None, cache_dir: str, max_cache_size: str
     return open_dataset(path, max_shards, cache_dir=cache_dir, max_cache_size=max_cache_size,
                         endpoint_url=endpoint_url)
 
-
-def keys_in_training(ds: PairDataset, train_set: PairDataset | None) -> list[str] | None:
-    """Keys of the evaluation samples that are in the run's training split (None: that split is unknown here)."""
-    if train_set is None:
-        return None
-    train_keys = {train_set.emb.keys[i] for i in train_set.indices}
-    return [ds.emb.keys[i] for i in ds.indices if ds.emb.keys[i] in train_keys]

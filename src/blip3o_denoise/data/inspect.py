@@ -35,6 +35,10 @@ def inspect_dataset(directory: str, check_values: bool = False, verify: bool = F
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: directory does not exist")
+    from .remote import MANIFEST as STREAM_MANIFEST
+
+    if (d / STREAM_MANIFEST).exists():
+        return inspect_converted(d, check_values)
     shards, failed, problems, manifest, dtype = [], [], [], None, None
     if (d / STORE_MANIFEST).exists():
         fmt = "store"
@@ -84,7 +88,9 @@ def inspect_dataset(directory: str, check_values: bool = False, verify: bool = F
             except Exception as err:  # noqa: BLE001
                 failed.append({"shard": Path(s.path).name, "error": _reason(err, s.path)})
         shards = ok
-    report = {"directory": str(d), "format": fmt, "shards": len(shards) + len(failed), "failed_shards": failed,
+    # a shard that opened but failed a later check (--verify, --check_values) is counted once
+    names = {Path(s.path).name for s in shards} | {f["shard"] for f in failed}
+    report = {"directory": str(d), "format": fmt, "shards": len(names), "failed_shards": failed,
               "problems": problems}
     if shards:
         s0 = shards[0]
@@ -113,5 +119,38 @@ def inspect_dataset(directory: str, check_values: bool = False, verify: bool = F
         lines.append(f"  FAILED {f['shard']}: {f['error']}")
     for p in problems:
         lines.append(f"  PROBLEM {p}")
+    report["text"] = "\n".join(lines)
+    return report
+
+
+def inspect_converted(d: Path, check_values: bool = False) -> dict:
+    """The report of a dataset converted for streaming (``convert --format litdata``): its manifest's shape,
+    split and chunks; ``check_values`` reads every sample."""
+    from .remote import MANIFEST, open_dataset, read_manifest
+
+    report = {"directory": str(d), "format": "litdata", "shards": 0, "failed_shards": [], "problems": []}
+    try:
+        m = read_manifest(str(d))
+    except (ShardFormatError, OSError) as err:
+        report["problems"].append(_reason(err, d / MANIFEST))
+        report["text"] = f"{d}: litdata format\n  PROBLEM {report['problems'][0]}"
+        return report
+    chunks = {part: len(list((d / part).glob("chunk-*.bin"))) for part in ("train", "eval")}
+    report.update(shards=sum(chunks.values()), samples=m["total_samples"], tokens=m["tokens"],
+                  eva_tokens=m["eva_tokens"], clip_dim=m["clip_dim"], eva_dim=m["eva_dim"], dtype=m["dtype"],
+                  holdout_fraction=m["holdout_fraction"], chunk_samples=m["chunk_samples"],
+                  parts={p: {"samples": m["parts"][p]["samples"], "chunks": chunks[p]} for p in chunks})
+    if check_values:
+        try:
+            open_dataset(str(d)).check_finite()
+        except (ShardFormatError, OSError) as err:
+            report["failed_shards"].append({"shard": "(values)", "error": _reason(err, d)})
+    n = m["tokens"] if m["eva_tokens"] == m["tokens"] else f"{m['tokens']} (eva {m['eva_tokens']})"
+    lines = [f"{d}: litdata format (converted for streaming), {report['shards']} chunks of up to "
+             f"{m['chunk_samples']} samples",
+             f"  samples {m['total_samples']}: train/ {m['parts']['train']['samples']}, eval/ "
+             f"{m['parts']['eval']['samples']} held out at holdout_fraction {m['holdout_fraction']}",
+             f"  N = {n}, clip width {m['clip_dim']}, eva width {m['eva_dim']}, dtype {m['dtype']}"]
+    lines += [f"  FAILED {f['shard']}: {f['error']}" for f in report["failed_shards"]]
     report["text"] = "\n".join(lines)
     return report

@@ -206,6 +206,10 @@ def _raw(t: torch.Tensor, dtype: str, where: str) -> torch.Tensor:
     out = t.to(DTYPES[dtype]).contiguous()
     if not bool(torch.isfinite(out).all()):
         raise ShardFormatError(f"{where} overflows {dtype}; use bfloat16 or float32")
+    norms = torch.linalg.vector_norm(out.float(), dim=-1)  # training reads this part without a value check
+    if not bool((torch.isfinite(norms) & (norms > 0)).all()):
+        raise ShardFormatError(f"{where} has an all-zero token or one whose float32 norm overflows: it has no "
+                               "direction on the sphere")
     return out.view(_STORED_AS[dtype]) if dtype == "bfloat16" else out
 
 
@@ -319,6 +323,21 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict:
     if seen != list(range(m["total_samples"])):
         raise RemoteDataError(f"{url}: {MANIFEST}: the parts' indices should cover 0..{m['total_samples'] - 1} once")
     return m
+
+
+def check_chunks_present(url: str, part: str, storage_options: dict | None = None) -> None:
+    """Every chunk that ``part/index.json`` lists exists (one listing or HEAD each): a deleted chunk is
+    named before training, not when the evaluation after training reads it."""
+    url = str(url).rstrip("/")
+    try:
+        chunks = [c["filename"] for c in json.loads(_read_object(url, f"{part}/{_INDEX}", storage_options))["chunks"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RemoteDataError(f"{url}: {part}/{_INDEX} is not a LitData index ({e})") from e
+    sink = _Sink(url, storage_options)
+    missing = [c for c in chunks if not sink.exists(f"{part}/{c}")]
+    if missing:
+        raise RemoteDataError(f"{url}: {part}/{missing[0]} is missing ({len(missing)} of the {len(chunks)} chunks "
+                              f"that {part}/{_INDEX} lists): deleted, or an incomplete copy; convert again")
 
 
 def check_holdout(manifest: dict, url: str, holdout_fraction: float) -> None:
