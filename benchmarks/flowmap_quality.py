@@ -65,13 +65,18 @@ def point(den, batch, seed=0):
 
 def step_time(run_dir, repeats=12):
     """Median seconds per optimizer step with the run's own options, on one fixed batch (after 3 warm-up steps)."""
+    from blip3o_denoise.data.noise import NoiseCollate
     from blip3o_denoise.train import TrainConfig, build, forward_backward, optimizer_step
 
     saved = json.loads(open(f"{run_dir}/final/config.json").read())["train"]
-    cfg = TrainConfig(**{**saved, "output_dir": "/tmp/flowmap_step_time", "init_from": "", "progress": False})
+    import tempfile
+
+    cfg = TrainConfig(**{**saved, "output_dir": tempfile.mkdtemp(prefix="flowmap_step_time_"), "init_from": "",
+                         "progress": False})
     run = build(cfg)
-    batch = {k: v for k, v in run.train_set.stack(list(range(cfg.batch_size))).items()}
-    batch["index"] = torch.arange(cfg.batch_size)
+    collate = NoiseCollate(cfg.flow_config(), cfg.seed, cfg.cond_dropout, flow_map_share=cfg.flow_map_share,
+                           flow_map_min_step=cfg.flow_map_min_step)  # as the training loader draws them
+    batch = collate([run.train_set[i] for i in range(cfg.batch_size)])
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
     times = []
     for i in range(repeats + 3):

@@ -193,38 +193,80 @@ def test_training_on_a_toy_makes_one_jump_land_where_the_flow_goes():
     assert mismatch(fm) < 0.7 * mismatch(plain)  # measured: 0.18 vs 0.30 rad after 800 steps
 
 
-def test_fine_tune_a_run_into_a_flow_map_then_evaluate_and_sweep_by_calls(tmp_path):
+def test_readme_fast_sampling_commands(tmp_path):
+    """The README's fine-tune and 2-call evaluate commands, built from its text. Declared changes: the data,
+    paths, micro preset, 2 steps; appended flags keep the run and its evaluation small."""
     import json
 
     from blip3o_denoise.cli import main
     from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
     from blip3o_denoise.pipeline import Denoiser
+    from conftest import readme_command
 
     data = tmp_path / "d"
     make_synthetic(data, SyntheticSpec(num_samples=30, eva_dim=16, clip_dim=8, tokens=16))
-    common = ["--chunked_embeddings_dir", str(data), "--model_size", "micro", "--batch_size", "8", "--max_steps", "2",
-              "--warmup_steps", "1", "--eval_every_n_steps", "0", "--save_every_n_steps", "0",
-              "--num_inference_steps", "2", "--holdout_fraction", "0.2", "--eval_samples", "4",
-              "--min_noise_level", "0.0", "--max_noise_level", "1.0", "--no_progress"]
-    assert main(["train", "--output_dir", str(tmp_path / "plain"), *common]) == 0
-    assert main(["train", "--output_dir", str(tmp_path / "fm"), "--init_from", str(tmp_path / "plain"),
-                 "--flow_map_share", "0.25", *common]) == 0
-    den = Denoiser.from_pretrained(tmp_path / "fm")
+    small = ["--batch_size", "8", "--warmup_steps", "1", "--eval_every_n_steps", "0", "--save_every_n_steps", "0",
+             "--num_inference_steps", "2", "--holdout_fraction", "0.2", "--eval_samples", "4", "--no_progress"]
+    plain, fast = tmp_path / "checkpoints_clip", tmp_path / "fast_clip"
+    assert main(["train", "--chunked_embeddings_dir", str(data), "--output_dir", str(plain), "--model_size", "micro",
+                 "--max_steps", "2", "--min_noise_level", "0.0", "--max_noise_level", "1.0", *small]) == 0
+    argv = readme_command("blip3o-denoise train --chunked_embeddings_dir /data/store --output_dir ./fast_clip",
+                          {"/data/store": data, "./fast_clip": fast, "--model_size": "micro", "--max_steps": 2,
+                           "./checkpoints_clip": plain})
+    assert main([*argv, *small]) == 0
+    den = Denoiser.from_pretrained(fast)
     assert den.model.cfg.flow_map and den.solver == "jump"
     cond = torch.randn(2, 16, 16)
     one = den.generate(cond, num_steps=1, seed=0)
     assert one.shape == (2, 16, 8) and not torch.equal(one, den.generate(cond, num_steps=2, seed=0))
     with pytest.raises(ValueError, match="without flow maps"):
-        Denoiser.from_pretrained(tmp_path / "plain").generate(cond, num_steps=1, solver="jump")
-    out = tmp_path / "e.json"
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "fm"), "--chunked_embeddings_dir", str(data),
-                 "--output", str(out), "--num_inference_steps", "1", "--noise_levels", "0.5", "--sample_counts", "2",
-                 "--no_distribution", "--no_progress"]) == 0
+        Denoiser.from_pretrained(plain).generate(cond, num_steps=1, solver="jump")
+    out = tmp_path / "fast.json"
+    argv = readme_command("blip3o-denoise evaluate --checkpoint ./fast_clip",
+                          {"./fast_clip": fast, "/data/store": data, "fast.json": out})
+    assert main([*argv, "--noise_levels", "0.5", "--sample_counts", "2", "--no_distribution", "--no_progress"]) == 0
     res = json.loads(out.read_text())
-    assert res["solver"] == "jump" and res["num_steps"] == 1
+    assert res["solver"] == "jump" and res["num_steps"] == 2
     sw = tmp_path / "s.json"
-    assert main(["sweep", "--checkpoint", str(tmp_path / "fm"), "--chunked_embeddings_dir", str(data),
+    assert main(["sweep", "--checkpoint", str(fast), "--chunked_embeddings_dir", str(data),
                  "--output", str(sw), "--steps", "1,2", "--solver", "jump,heun", "--k", "2"]) == 0
     rows = json.loads(sw.read_text())["rows"]
     assert [(r["solver"], r["steps"], r["calls"]) for r in rows] == [("jump", 1, 1), ("jump", 2, 2), ("heun", 1, 1),
                                                                     ("heun", 2, 3)]
+
+
+def test_flowmap_benchmark_runs_as_documented(tmp_path):
+    """benchmarks/flowmap_quality.py as the README gives it (data and run paths declared), on tiny runs."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import readme_command
+
+    from blip3o_denoise.cli import main
+    from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
+
+    data, plain, fast = tmp_path / "d", tmp_path / "checkpoints_clip", tmp_path / "fast_clip"
+    make_synthetic(data, SyntheticSpec(num_samples=30, eva_dim=16, clip_dim=8, tokens=16))
+    common = ["--chunked_embeddings_dir", str(data), "--model_size", "micro", "--batch_size", "8", "--max_steps", "2",
+              "--warmup_steps", "1", "--eval_every_n_steps", "0", "--save_every_n_steps", "0", "--eval_samples", "4",
+              "--min_noise_level", "0.0", "--max_noise_level", "1.0", "--no_progress"]
+    assert main(["train", "--output_dir", str(plain), *common]) == 0
+    assert main(["train", "--output_dir", str(fast), "--flow_map_share", "0.25", *common]) == 0
+    argv = readme_command("python benchmarks/flowmap_quality.py",
+                          {"/tmp/rd/eval": data, "/tmp/rd/train": data, "runs/ordinary": plain, "runs/flowmap": fast,
+                           "runs/finetuned": fast})
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, *argv, "--calls", "1,2", "--ordinary_steps", "2", "--num_samples", "8",
+                        "--output", str(out)], cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(Path(x["run"]).name, x["solver"], x["steps"]) for x in rows] == [
+        ("checkpoints_clip", "euler", 2), ("fast_clip", "jump", 1), ("fast_clip", "jump", 2),
+        ("fast_clip", "jump", 1), ("fast_clip", "jump", 2)]
+    assert rows[1]["calls_per_train_step"] == 1.5 and rows[0]["calls_per_train_step"] == 1.0
+    assert all(x["step_seconds"] > 0 for x in rows)

@@ -80,6 +80,14 @@ SKIPPED = {
 }
 
 COVERED_ELSEWHERE = {
+    "blip3o-denoise train --chunked_embeddings_dir /data/store --output_dir ./fast_clip --model_size base "
+    "--min_noise_level 0.0 --max_noise_level 1.0 --precision bf16 --init_from ./checkpoints_clip --flow_map_share 0.25 "
+    "--max_steps 2000": "tests/test_flowmap.py::test_readme_fast_sampling_commands",  # needs a run of its own widths
+    "blip3o-denoise evaluate --checkpoint ./fast_clip --chunked_embeddings_dir /data/store --num_inference_steps 2 "
+    "--output fast.json": "tests/test_flowmap.py::test_readme_fast_sampling_commands",  # needs the flow map above
+    "python benchmarks/flowmap_quality.py --eval_dir /tmp/rd/eval --train_dir /tmp/rd/train --ordinary runs/ordinary "
+    "--flow_map runs/flowmap --flow_map runs/finetuned --step_time":
+        "tests/test_flowmap.py::test_flowmap_benchmark_runs_as_documented",  # real data: an hour
     "python benchmarks/real_quality.py /tmp/rd --recipes default --steps 1000":
         "tests/test_real_quality_script.py::test_real_quality_script_prints_and_writes_a_row",  # real data: minutes
     "blip3o-denoise demo": "tests/test_demo.py::test_demo_quick_mode_beats_every_baseline_it_prints",
