@@ -206,7 +206,12 @@ def cmd_evaluate(ns) -> int:
     elif figure is not None:
         print("no retrieval picture: generation from pure noise did not run (the run never trained at level 1)")
     if ns.output:
-        write_atomically(ns.output, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        try:
+            write_atomically(ns.output, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        except OSError:
+            if "figure" in result:  # no picture without the results that index it
+                Path(result["figure"]["png"]).unlink(missing_ok=True)
+            raise
         print(f"wrote {ns.output}")
     return 0
 
