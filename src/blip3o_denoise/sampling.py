@@ -100,10 +100,10 @@ def model_velocity_fn(
         null_cache = model.prepare_condition(None, b, n)
 
     def fn(x, t, d=None):
-        v = prediction_to_velocity(model(x, t, cache=cache, step_size=d), x, t, prediction_type, time_eps, path)
+        step = {} if d is None else {"step_size": d}  # only flow maps take a step size
+        v = prediction_to_velocity(model(x, t, cache=cache, **step), x, t, prediction_type, time_eps, path)
         if null_cache is not None:
-            vu = prediction_to_velocity(model(x, t, cache=null_cache, step_size=d), x, t, prediction_type, time_eps,
-                                        path)
+            vu = prediction_to_velocity(model(x, t, cache=null_cache, **step), x, t, prediction_type, time_eps, path)
             v = vu + guidance * (v - vu)
         return v
 
