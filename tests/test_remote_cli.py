@@ -76,9 +76,10 @@ def s3_copy(src, s3):
 
 
 def _no_timings(x):
-    """A results dict without its wall-clock fields and the data location (the rest must be equal)."""
+    """A results dict without its wall-clock fields and the data and picture locations (the rest must be equal)."""
     if isinstance(x, dict):
-        return {k: _no_timings(v) for k, v in x.items() if "seconds" not in k and k not in ("data", "checkpoint")}
+        return {k: _no_timings(v) for k, v in x.items()
+                if "seconds" not in k and k not in ("data", "checkpoint", "figure", "share_of_evaluation_time")}
     if isinstance(x, list):
         return [_no_timings(v) for v in x]
     return x
