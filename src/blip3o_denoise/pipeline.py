@@ -9,39 +9,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from . import hub
+from .checkpoint import resolve_checkpoint
 from .model import ModelConfig, UniversalDiT
 from .sampling import generate, point_estimate
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a run's output directory (uses ``final/``, else the newest checkpoint) or a checkpoint directory."""
-    p = Path(path)
-    if (p / "config.json").exists() and (p / "model.safetensors").exists():
-        return p
-    if (p / "final" / "config.json").exists():
-        return p / "final"
-    ckpts = sorted((p / "checkpoints").glob("step_*")) if (p / "checkpoints").is_dir() else []
-    ckpts = [c for c in ckpts if (c / "config.json").exists()]
-    damaged = []
-    for c in reversed(ckpts):  # the newest checkpoint whose weight files are whole (a killed copy, a bad disk)
-        try:
-            for name in ("ema.safetensors", "model.safetensors"):
-                if (c / name).exists():
-                    with safe_open(str(c / name), "pt"):  # the header and the file's length, not the data
-                        pass
-        except Exception as e:  # a truncated or corrupt safetensors file
-            damaged.append(f"{c}: {type(e).__name__}")
-            print(f"warning: {c}: unreadable weights ({type(e).__name__}: {str(e)[:120]}); trying an older checkpoint")
-            continue
-        return c
-    if damaged:
-        raise ValueError(f"{p}: every checkpoint is damaged ({'; '.join(damaged)})")
-    raise FileNotFoundError(f"{p}: no model found "
-                            "(expected config.json + model.safetensors, a final/ or a checkpoints/ folder)")
 
 
 def resolve_model(path: str | Path, revision: str | None = None) -> Path:
