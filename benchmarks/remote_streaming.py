@@ -2,7 +2,7 @@
 and the seed shards.
 
 Writes a synthetic seed dataset (BLIP3-o widths: N=256, EVA 4096, CLIP 1024, float32) of about --gib
-GiB, converts it to our bf16 store and, through ``data/remote.py``, to LitData chunks uploaded to a
+GiB, converts it to our bf16 store and, through ``data/engine_convert.py``, to LitData chunks uploaded to a
 moto S3 server started on 127.0.0.1 in this process (and to a local directory: the engine without
 the network). Then, in a fresh process per row, iterates every
 sample once as normalised clip_denoising pairs (batch --batch, shuffled) with 1 and 2 DataLoader
@@ -40,14 +40,14 @@ def child(args) -> None:
     torch.set_num_threads(1)
     t0, n = time.perf_counter(), 0
     if args.target.startswith("s3://") or (Path(args.target) / "blip3o_stream.json").exists():
-        from blip3o_denoise.data import remote as R
+        from blip3o_denoise.data.streaming import streaming_loader, streaming_train_set
 
         opts = json.loads(args.opts) if args.opts else None
         with tempfile.TemporaryDirectory() as cache:
-            ds = R.streaming_train_set(args.target, "clip_denoising", holdout_fraction=0.0, seed=0, cache_dir=cache,
+            ds = streaming_train_set(args.target, "clip_denoising", holdout_fraction=0.0, seed=0, cache_dir=cache,
                                        max_cache_size="30GB", storage_options=opts)
             t0 = time.perf_counter()
-            for b in R.streaming_loader(ds, batch_size=args.batch, num_workers=args.workers):
+            for b in streaming_loader(ds, batch_size=args.batch, num_workers=args.workers):
                 n += b["target"].shape[0]
     else:
         from torch.utils.data import DataLoader
@@ -114,7 +114,8 @@ def main():
 
     import boto3
 
-    from blip3o_denoise.data import remote as R
+    from blip3o_denoise.data.engine_convert import write_engine_dataset
+    from blip3o_denoise.data.engine_format import MANIFEST
     from blip3o_denoise.data.store import convert
     from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
 
@@ -133,12 +134,12 @@ def main():
             "region_name": "us-east-1"}
     boto3.client("s3", **opts).create_bucket(Bucket="bench")
     t = time.time()
-    R.write_engine_dataset(seed, "s3://bench/ds", holdout_fraction=0.0, chunk_samples=args.chunk_samples,
+    write_engine_dataset(seed, "s3://bench/ds", holdout_fraction=0.0, chunk_samples=args.chunk_samples,
                            storage_options=opts, progress=True)
     print(f"converted + uploaded to loopback S3 in {time.time() - t:.0f} s")
     engine_local = root / "litdata_local"  # the engine without the network: tells engine cost from server cost
-    if not (engine_local / R.MANIFEST).exists():
-        R.write_engine_dataset(store, str(engine_local), holdout_fraction=0.0, chunk_samples=args.chunk_samples)
+    if not (engine_local / MANIFEST).exists():
+        write_engine_dataset(store, str(engine_local), holdout_fraction=0.0, chunk_samples=args.chunk_samples)
     size = lambda d, pat: sum(p.stat().st_size for p in Path(d).glob(pat)) / 2**30  # noqa: E731
     print(f"seed {size(seed, '*.pkl'):.2f} GiB, store {size(store, '*.safetensors'):.2f} GiB, {n} samples")
 

@@ -110,7 +110,7 @@ def test_cross_attention_learns_from_the_condition(tmp_path):
     cross-attention model beats the mean-direction baseline on held-out samples, and the score comes from the
     condition: the same noise with the conditions shuffled between samples scores far lower."""
     from blip3o_denoise import sphere
-    from blip3o_denoise.data.dataset import load_eval_split
+    from blip3o_denoise.data.run_splits import load_eval_split
     from blip3o_denoise.sampling import point_estimate
     from blip3o_denoise.train import TrainConfig, train
 

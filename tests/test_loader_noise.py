@@ -133,7 +133,8 @@ def test_batches_are_pinned_iff_the_device_is_cuda(data, tmp_path):
 
 def test_streamed_batches_are_pinned_iff_the_device_is_cuda(tmp_path):
     pytest.importorskip("litdata")
-    from blip3o_denoise.data.remote import streaming_train_set, write_engine_dataset
+    from blip3o_denoise.data.engine_convert import write_engine_dataset
+    from blip3o_denoise.data.streaming import streaming_train_set
 
     src, conv = tmp_path / "src", tmp_path / "conv"
     make_synthetic(src, SyntheticSpec(num_samples=12, eva_dim=16, clip_dim=8, tokens=4))

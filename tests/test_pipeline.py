@@ -185,7 +185,7 @@ def test_from_pretrained_skips_a_truncated_newest_checkpoint(tmp_path, capsys):
     import shutil
 
     from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
-    from blip3o_denoise.pipeline import resolve_checkpoint
+    from blip3o_denoise.checkpoint import resolve_checkpoint
     from blip3o_denoise.train import TrainConfig, checkpoint_dirs, train
 
     data = tmp_path / "d"

@@ -35,7 +35,9 @@ from safetensors import safe_open
 from conftest import moto_s3_server, readme_commands
 from blip3o_denoise.cli import main
 from blip3o_denoise.data.dataset import split_indices
-from blip3o_denoise.data.remote import open_dataset, read_manifest, write_engine_dataset
+from blip3o_denoise.data.engine_convert import write_engine_dataset
+from blip3o_denoise.data.engine_format import read_manifest
+from blip3o_denoise.data.open import open_dataset
 from blip3o_denoise.data.store import convert
 
 ROOT = Path(__file__).resolve().parents[1]

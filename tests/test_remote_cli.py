@@ -15,7 +15,7 @@ import litdata  # noqa: F401 - not skipped: CI installs it (.ci/run), a missing 
 
 from conftest import moto_s3_server
 from blip3o_denoise.cli import main
-from blip3o_denoise.data import remote as R
+from blip3o_denoise.data.engine_format import read_manifest
 from blip3o_denoise.data.dataset import Embeddings, split_indices
 from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
 
@@ -89,8 +89,8 @@ def _no_timings(x):
 def test_convert_litdata_to_a_directory_and_to_s3(src, local_copy, s3_copy, s3, capsys):
     import boto3
 
-    local = R.read_manifest(local_copy)
-    remote = R.read_manifest(s3_copy, {"endpoint_url": s3})
+    local = read_manifest(local_copy)
+    remote = read_manifest(s3_copy, {"endpoint_url": s3})
     assert local == remote  # the same dataset wherever it is written
     keys = Embeddings(src).keys
     _, held = split_indices(keys, float(HOLD))
@@ -204,7 +204,7 @@ def test_bad_remote_inputs_name_the_url(ckpt, src, s3_copy, s3, tmp_path, capsys
 def test_inspect_describes_a_converted_dataset(local_copy, capsys):
     assert main(["inspect", local_copy, "--check_values", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    m = R.read_manifest(local_copy)
+    m = read_manifest(local_copy)
     chunks = len(list(Path(local_copy).glob("*/chunk-*.bin")))
     assert (report["format"], report["samples"], report["shards"]) == ("litdata", 40, chunks) and chunks >= 10
     assert report["parts"]["eval"]["samples"] == m["parts"]["eval"]["samples"] > 0

@@ -19,7 +19,7 @@ import blip3o_denoise.train as T
 from conftest import moto_s3_server
 from blip3o_denoise.checkpoint import checkpoint_dirs
 from blip3o_denoise.data.dataset import Embeddings, split_indices
-from blip3o_denoise.data.remote import write_engine_dataset
+from blip3o_denoise.data.engine_convert import write_engine_dataset
 from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
 from blip3o_denoise.train import TrainConfig, train
 
@@ -122,7 +122,7 @@ def test_resume_from_a_converted_dataset_is_exact(conv, tmp_path, monkeypatch, w
 
 def test_resume_at_the_end_of_an_epoch_reads_only_the_next_one(conv, tmp_path, monkeypatch):
     """Saved after the last step of epoch 0: the resumed run streams epoch 1 only (not epoch 0 again)."""
-    from blip3o_denoise.data import remote
+    from blip3o_denoise.data import engine_dataset, streaming
 
     full, part = tmp_path / "full", tmp_path / "part"
     train(cfg(conv, full, max_steps=18, gradient_accumulation_steps=1, save_every_n_steps=9))
@@ -130,15 +130,15 @@ def test_resume_at_the_end_of_an_epoch_reads_only_the_next_one(conv, tmp_path, m
     with pytest.raises(Crash):
         train(cfg(conv, part, max_steps=18, gradient_accumulation_steps=1, save_every_n_steps=9))
     monkeypatch.setattr(T, "save_checkpoint", real_save)
-    streamed, real_get = [], remote._Stream.__getitem__
+    streamed, real_get = [], engine_dataset.EngineDataset.__getitem__
 
     def counting(self, index):
         item = real_get(self, index)
-        if isinstance(self._make_item, remote._PairItem):  # the training stream, not evaluation reads
+        if isinstance(self._make_item, streaming._PairItem):  # the training stream, not evaluation reads
             streamed.append(item["index"])
         return item
 
-    monkeypatch.setattr(remote._Stream, "__getitem__", counting)
+    monkeypatch.setattr(engine_dataset.EngineDataset, "__getitem__", counting)
     train(cfg(conv, part, max_steps=18, gradient_accumulation_steps=1, save_every_n_steps=9, resume=True))
     assert len(streamed) == 36  # the 9 batches of epoch 1
     assert_same(weights(part), weights(full))

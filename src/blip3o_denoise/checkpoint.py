@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
@@ -116,6 +117,33 @@ def read_checkpoint(ck: Path) -> tuple[dict, dict, dict, dict]:
     model_sd = read("model.safetensors", lambda p: load_file(str(p)))
     ema_sd = read("ema.safetensors", lambda p: load_file(str(p)))
     return run_config, state, model_sd, ema_sd
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run's output directory (uses ``final/``, else the newest checkpoint) or a checkpoint directory."""
+    p = Path(path)
+    if (p / "config.json").exists() and (p / "model.safetensors").exists():
+        return p
+    if (p / "final" / "config.json").exists():
+        return p / "final"
+    ckpts = sorted((p / "checkpoints").glob("step_*")) if (p / "checkpoints").is_dir() else []
+    ckpts = [c for c in ckpts if (c / "config.json").exists()]
+    damaged = []
+    for c in reversed(ckpts):  # the newest checkpoint whose weight files are whole (a killed copy, a bad disk)
+        try:
+            for name in ("ema.safetensors", "model.safetensors"):
+                if (c / name).exists():
+                    with safe_open(str(c / name), "pt"):  # the header and the file's length, not the data
+                        pass
+        except Exception as e:  # a truncated or corrupt safetensors file
+            damaged.append(f"{c}: {type(e).__name__}")
+            print(f"warning: {c}: unreadable weights ({type(e).__name__}: {str(e)[:120]}); trying an older checkpoint")
+            continue
+        return c
+    if damaged:
+        raise ValueError(f"{p}: every checkpoint is damaged ({'; '.join(damaged)})")
+    raise FileNotFoundError(f"{p}: no model found "
+                            "(expected config.json + model.safetensors, a final/ or a checkpoints/ folder)")
 
 
 def export_model(out_dir: Path, ema_sd: dict, run_config: dict) -> Path:
@@ -322,8 +350,6 @@ def load_initial_weights(model, path: str | Path) -> Path:
     and starts at zero, so the new model begins as the old one at every step size). Returns the
     weight file read.
     """
-    from .pipeline import resolve_checkpoint
-
     ck = resolve_checkpoint(path)
     saved = json.loads((ck / "config.json").read_text())["model"]
     mine = model.cfg.to_dict()

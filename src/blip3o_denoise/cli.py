@@ -131,10 +131,11 @@ def _figure_path(ns) -> Path | None:
 def cmd_evaluate(ns) -> int:
     import time
 
-    from .data.dataset import load_eval_split, refuse_nonfinite, training_split
+    from .data.dataset import refuse_nonfinite
+    from .data.run_splits import load_eval_split, phase_opener, training_split
     from .evaluate import evaluate, fit_baselines, format_results, nonfinite_fields
     from .figures import load_images_json, retrieval_figure
-    from .phases import keys_trained_by_run, min_holdout_fraction, phase_opener
+    from .phases import keys_trained_by_run, min_holdout_fraction
     from .pipeline import Denoiser
 
     started = time.time()
@@ -227,7 +228,8 @@ def cmd_generate(ns) -> int:
     import torch
 
     from .checkpoint import save_weights
-    from .data.dataset import load_eval_split, refuse_nonfinite
+    from .data.dataset import refuse_nonfinite
+    from .data.run_splits import load_eval_split
     from .pipeline import Denoiser
 
     den = Denoiser.from_pretrained(ns.checkpoint, device=ns.device)
@@ -277,7 +279,7 @@ CONVERT_ONLY = {"store": ("chunk",), "litdata": ("holdout_fraction", "chunk_samp
 
 def refuse_source_as_destination(src: str, dst: str) -> None:
     """Converting into the source, or into a folder of seed shards, would mix the output with other data."""
-    from .data.remote import is_remote
+    from .data.objectstore import is_remote
     from .data.seed_format import list_seed_shards
 
     if is_remote(dst) or not Path(dst).exists():
@@ -297,7 +299,7 @@ def cmd_convert(ns) -> int:
             raise ValueError(f"{' and '.join(given)}: only for convert --format {fmt} (this is --format {ns.format})")
     if ns.format == "litdata":
         return _convert_litdata(ns)
-    from .data.remote import is_remote
+    from .data.objectstore import is_remote
     from .data.store import convert
 
     if is_remote(ns.dst):
@@ -312,7 +314,8 @@ def cmd_convert(ns) -> int:
 
 def _convert_litdata(ns) -> int:
     from .data.dataset import Embeddings
-    from .data.remote import is_remote, storage_options, write_engine_dataset
+    from .data.engine_convert import write_engine_dataset
+    from .data.objectstore import is_remote, storage_options
 
     # what the store path checks too: a seed directory whose manifest disagrees with its shards
     Embeddings(ns.src, ns.max_shards or None, check_manifest=not ns.ignore_manifest)

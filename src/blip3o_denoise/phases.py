@@ -63,20 +63,3 @@ def keys_trained_by_run(ds: PairDataset, run_config: dict, train_set: PairDatase
     trained = {train_set.emb.keys[i] for i in train_set.indices}
     trained |= earlier_trained_keys(run_config, keys, train_set.emb, open_dir)
     return [k for k in keys if k in trained]
-
-
-def phase_opener(run_config: dict, train_dir: str = "", **remote):
-    """``open_dir`` for :func:`earlier_trained_keys`: the run's data directory read from ``train_dir`` when
-    given; None for data that cannot be read here."""
-    from .data.dataset import _open
-
-    def open_dir(path: str, max_shards: int | None):
-        if train_dir and path == run_config["train"]["chunked_embeddings_dir"]:
-            path = train_dir
-        try:
-            return _open(path, max_shards, remote.get("cache_dir", ""), remote.get("max_cache_size", "50GB"),
-                         remote.get("endpoint_url", ""))
-        except (OSError, ValueError):  # a RemoteDataError is a ValueError
-            return None
-
-    return open_dir

@@ -1,44 +1,28 @@
-"""Using a trained model: ``Denoiser.from_pretrained(path).generate(...)`` / ``.denoise(...)``."""
+"""Using a trained model: ``Denoiser.from_pretrained(path or repo id).generate(...)`` / ``.denoise(...)``, and
+sharing it: ``save_pretrained(dir)`` / ``push_to_hub(repo_id)`` (the layout itself lives in ``hub.py``)."""
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from . import hub
+from .checkpoint import resolve_checkpoint
 from .model import ModelConfig, UniversalDiT
 from .sampling import generate, point_estimate
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a run's output directory (uses ``final/``, else the newest checkpoint) or a checkpoint directory."""
-    p = Path(path)
-    if (p / "config.json").exists() and (p / "model.safetensors").exists():
-        return p
-    if (p / "final" / "config.json").exists():
-        return p / "final"
-    ckpts = sorted((p / "checkpoints").glob("step_*")) if (p / "checkpoints").is_dir() else []
-    ckpts = [c for c in ckpts if (c / "config.json").exists()]
-    damaged = []
-    for c in reversed(ckpts):  # the newest checkpoint whose weight files are whole (a killed copy, a bad disk)
-        try:
-            for name in ("ema.safetensors", "model.safetensors"):
-                if (c / name).exists():
-                    with safe_open(str(c / name), "pt"):  # the header and the file's length, not the data
-                        pass
-        except Exception as e:  # a truncated or corrupt safetensors file
-            damaged.append(f"{c}: {type(e).__name__}")
-            print(f"warning: {c}: unreadable weights ({type(e).__name__}: {str(e)[:120]}); trying an older checkpoint")
-            continue
-        return c
-    if damaged:
-        raise ValueError(f"{p}: every checkpoint is damaged ({'; '.join(damaged)})")
-    raise FileNotFoundError(f"{p}: no model found "
-                            "(expected config.json + model.safetensors, a final/ or a checkpoints/ folder)")
+def resolve_model(path: str | Path, revision: str | None = None) -> Path:
+    """:func:`resolve_checkpoint` of a local directory, or of the snapshot of Hub repo ``org/name`` when no such
+    directory exists (see :func:`hub.download`)."""
+    if not Path(path).exists() and hub.looks_like_repo_id(str(path)):
+        return resolve_checkpoint(hub.download(str(path), revision=revision))
+    return resolve_checkpoint(path)
 
 
 class Denoiser:
@@ -60,13 +44,18 @@ class Denoiser:
         self.solver = run_config.get("train", {}).get("solver", "euler")
         self.tokens = run_config.get("data", {}).get("tokens")  # N of the target; None: any count the model accepts
         self.cond_tokens = run_config.get("data", {}).get("cond_tokens", self.tokens)  # N_c of the condition
+        self.source: Path | None = None  # the directory it was loaded from (its run's results.json for the card)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> "Denoiser":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
+                        revision: str | None = None) -> "Denoiser":
+        """Load a directory written by :meth:`save_pretrained`, a run's output directory (``final/``, else the
+        newest whole checkpoint), or Hugging Face Hub repo ``org/name`` (at ``revision``; from the local cache
+        with ``HF_HUB_OFFLINE=1``)."""
         from .distributed import resolve_device
 
         device = resolve_device(str(device))  # a device this machine lacks: a ValueError, before any reading
-        ck = resolve_checkpoint(path)
+        ck = resolve_model(path, revision)
         try:
             run_config = json.loads((ck / "config.json").read_text())
             model = UniversalDiT(ModelConfig(**run_config["model"]))
@@ -89,7 +78,23 @@ class Denoiser:
         except RuntimeError as e:  # sizes or names that do not match config.json
             first = str(e).split("\n\t")[1:2] or [str(e)[:200]]
             raise ValueError(f"{weights}: the weights do not match {ck / 'config.json'} ({first[0].strip()})") from e
-        return cls(model.to(device), run_config)
+        den = cls(model.to(device), run_config)
+        den.source = ck
+        return den
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the Hub layout into ``directory``: ``config.json`` (the run config), ``model.safetensors`` (the
+        weights in use, EMA by default) and a ``README.md`` model card with the run's evaluation when it left a
+        ``results.json`` (copied beside them). :meth:`from_pretrained` loads it back bit for bit."""
+        return hub.save_pretrained(directory, self.model, self.config, hub.run_results(self.source))
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload blip3o-denoise model") -> str:
+        """Upload the :meth:`save_pretrained` layout to Hub model repo ``repo_id`` (created if needed); needs
+        ``huggingface_hub`` (the ``hub`` extra) and a login. Returns the commit's URL."""
+        with tempfile.TemporaryDirectory() as tmp:
+            hub.save_pretrained(tmp, self.model, self.config, hub.run_results(self.source), repo_id=repo_id)
+            return hub.push_to_hub(Path(tmp), repo_id, private=private, token=token, commit_message=commit_message)
 
     @property
     def device(self) -> torch.device:

@@ -105,8 +105,8 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 
 def run_sweep(ns) -> dict:
-    from .data.dataset import load_eval_split, training_split
-    from .phases import keys_trained_by_run, phase_opener
+    from .data.run_splits import load_eval_split, phase_opener, training_split
+    from .phases import keys_trained_by_run
     from .pipeline import Denoiser
 
     started = time.time()

@@ -24,9 +24,10 @@ from .checkpoint import (
 from .config import TrainConfig, auto_learning_rate
 from .data.dataset import PairDataset, split_indices
 from .data.noise import NoiseCollate
-from .data.remote import (
-    check_chunks_present, default_cache_dir, open_dataset, storage_options, streaming_loader, streaming_train_set,
-)
+from .data.engine_format import check_chunks_present
+from .data.objectstore import default_cache_dir, storage_options
+from .data.open import open_dataset
+from .data.streaming import streaming_loader, streaming_train_set
 from .distributed import (
     ResumableSampler, all_ranks_max, barrier, full_model_state, full_optimizer_state, gradient_sync, is_fsdp,
     is_main, process_group, resolve_device, shard, unwrap, world, wrap_for_training,

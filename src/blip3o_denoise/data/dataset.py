@@ -1,4 +1,6 @@
-"""Opening a dataset directory (seed pickles or a store), held-out splits, and the training dataset."""
+"""The local sources: a directory of seed pickles or a store behind one sample index (:class:`Embeddings`), the
+key-hash held-out split, token selection and the training dataset (:class:`PairDataset`). It imports no other
+source; ``open.py`` is where a command opens any dataset, ``run_splits.py`` a trained run's splits."""
 
 from __future__ import annotations
 
@@ -201,41 +203,6 @@ class PairDataset(Dataset):
 # ----------------------------------------------------------------------------- a trained run's data
 
 
-def load_eval_split(run_config: dict, directory: str, split: str, holdout_fraction: float | None,
-                    max_samples: int, cache_dir: str = "", max_cache_size: str = "50GB",
-                    endpoint_url: str = "") -> PairDataset:
-    """The samples of ``directory`` a trained run is evaluated on: its held-out split (``split="heldout"``,
-    by default the smallest holdout fraction any phase of the run trained with) or all of them; checked
-    against the widths the run trained on.
-
-    ``directory`` is seed shards, a store, or a converted dataset, local or ``s3://`` (read through
-    :func:`~blip3o_denoise.data.remote.open_dataset`, chunks cached in ``cache_dir``). The held-out
-    split is the same key-hash rule everywhere: a sample is held out or not wherever it is stored."""
-    emb = _open(directory, None, cache_dir, max_cache_size, endpoint_url)
-    tr = run_config["train"]
-    if split == "all":
-        idx = list(range(len(emb)))
-    else:
-        from ..phases import min_holdout_fraction
-
-        frac = min_holdout_fraction(run_config) if holdout_fraction is None else holdout_fraction
-        _, idx = split_indices(emb.keys, frac)
-    if max_samples:
-        idx = idx[:max_samples]
-    if not idx:
-        raise ValueError(f"{directory}: no samples in the '{split}' split")
-    ds = PairDataset(emb, idx, tr["task_mode"], tr["training_mode"])
-    data = run_config["data"]
-    trained = (data["target_dim"], data["cond_dim"], data["tokens"], data.get("cond_tokens", data["tokens"]))
-    if (ds.target_dim, ds.cond_dim, ds.tokens, ds.cond_tokens) != trained:
-        raise ValueError(
-            f"{directory}: data has target width {ds.target_dim}, condition width {ds.cond_dim}, {ds.tokens} target "
-            f"and {ds.cond_tokens} condition tokens; the model was trained on {trained[0]}, {trained[1]}, "
-            f"{trained[2]} and {trained[3]}"
-        )
-    return ds
-
-
 def refuse_nonfinite(batch: dict, ds, names: tuple[str, ...]) -> None:
     """A ValueError naming the key of the first sample whose ``names`` tensors hold NaN or inf, or a token that
     normalised to zero (an all-zero token, or one whose norm overflows float32)."""
@@ -250,37 +217,3 @@ def refuse_nonfinite(batch: dict, ds, names: tuple[str, ...]) -> None:
                 f"token or a token whose norm overflows float32 in its {name}; `blip3o-denoise inspect "
                 "--check_values` lists such shards"
             )
-
-
-def training_split(cfg: dict, train_dir: str, cache_dir: str = "", max_cache_size: str = "50GB",
-                   endpoint_url: str = "") -> PairDataset | None:
-    """The training split of a run (for fitting baselines), or None when its data is not here.
-
-    ``train_dir`` (default: the run's ``chunked_embeddings_dir``) may be a converted dataset, local
-    or ``s3://``. A run whose recorded data is remote and cannot be read from here gives None with
-    a note naming the URL and why; a ``train_dir`` given explicitly must be readable. The run's own
-    data is read through the run's ``endpoint_url`` unless one is given."""
-    from .remote import RemoteDataError, is_remote
-
-    tdir = train_dir or cfg["train"]["chunked_embeddings_dir"]
-    if not tdir or not (is_remote(tdir) or Path(tdir).is_dir()):
-        return None
-    if not train_dir:
-        endpoint_url = endpoint_url or cfg["train"].get("endpoint_url") or ""
-    try:
-        temb = _open(tdir, cfg["train"].get("max_shards") or None, cache_dir, max_cache_size, endpoint_url)
-    except RemoteDataError as e:
-        if train_dir:
-            raise
-        print(f"note: the run's training data cannot be read from here ({' '.join(str(e).split())})")
-        return None
-    tr_idx, _ = split_indices(temb.keys, cfg["train"]["holdout_fraction"])
-    return PairDataset(temb, tr_idx, cfg["train"]["task_mode"], cfg["train"]["training_mode"])
-
-
-def _open(path: str, max_shards: int | None, cache_dir: str, max_cache_size: str, endpoint_url: str):
-    from .remote import open_dataset  # remote imports this module
-
-    return open_dataset(path, max_shards, cache_dir=cache_dir, max_cache_size=max_cache_size,
-                        endpoint_url=endpoint_url)
-

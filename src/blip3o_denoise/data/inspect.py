@@ -35,7 +35,7 @@ def inspect_dataset(directory: str, check_values: bool = False, verify: bool = F
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: directory does not exist")
-    from .remote import MANIFEST as STREAM_MANIFEST
+    from .engine_format import MANIFEST as STREAM_MANIFEST
 
     if (d / STREAM_MANIFEST).exists():
         return inspect_converted(d, check_values)
@@ -126,7 +126,8 @@ def inspect_dataset(directory: str, check_values: bool = False, verify: bool = F
 def inspect_converted(d: Path, check_values: bool = False) -> dict:
     """The report of a dataset converted for streaming (``convert --format litdata``): its manifest's shape,
     split and chunks; ``check_values`` reads every sample."""
-    from .remote import MANIFEST, open_dataset, read_manifest
+    from .engine_format import MANIFEST, read_manifest
+    from .open import open_dataset
 
     report = {"directory": str(d), "format": "litdata", "shards": 0, "failed_shards": [], "problems": []}
     try:
