@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from .checkpoint import Position, checkpoint_dirs, export_model, resume, save_checkpoint, training_state
-from .config import TrainConfig, auto_learning_rate
+from .config import AUTO, TrainConfig, auto_learning_rate, auto_time_shift
 from .data.dataset import PairDataset, split_indices
 from .data.remote import default_cache_dir, open_dataset, storage_options, streaming_loader, streaming_train_set
 from .distributed import (
@@ -166,10 +166,12 @@ def build(cfg: TrainConfig) -> Run:
         cond_dropout=cfg.cond_dropout, grad_checkpointing=cfg.grad_checkpointing,
         zero_init_output=cfg.prediction_type == "velocity", hidden_size=cfg.hidden_size or None,
         depth=cfg.depth or None, num_heads=cfg.num_heads or None,
-        num_kv_heads=cfg.num_kv_heads or None,
+        num_kv_heads=cfg.num_kv_heads or None, head_width=cfg.head_width, head_depth=cfg.head_depth,
     )
     if cfg.learning_rate == 0:  # resolved here, so the run's config, resume and logs carry the number
         cfg.learning_rate = auto_learning_rate(mcfg.hidden_size)
+    if cfg.time_shift == AUTO:
+        cfg.time_shift = auto_time_shift(train_set.tokens, train_set.target_dim)
     model = UniversalDiT(mcfg).to(device)
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay))
     if cfg.fsdp:
