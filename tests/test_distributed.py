@@ -127,3 +127,20 @@ def test_readme_torchrun_command_with_default_flags(tmp_path, extra):
     assert steps and steps[-1] == 3  # 21 training samples: 11 per rank, 3 batches of 4
     assert (out / "final" / "model.safetensors").exists() and (out / "results.json").exists()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
+
+
+def test_fsdp_with_wide_head_matches_one_process_after_a_resume(tmp_path, two_sets):
+    data, held = two_sets
+    common = ["--chunked_embeddings_dir", str(data), "--model_size", "micro", "--head_width", "64", "--head_depth",
+              "1", "--warmup_steps", "0", "--min_lr_ratio", "1", "--holdout_fraction", "0", "--eval_dir", str(held),
+              "--eval_samples", "2", "--num_inference_steps", "2", "--no_progress", "--device", "cpu",
+              "--save_every_n_steps", "2"]
+    run(common + ["--output_dir", str(tmp_path / "one"), "--batch_size", "8", "--max_steps", "4"])
+    part = tmp_path / "part"
+    run(common + ["--output_dir", str(part), "--batch_size", "4", "--max_steps", "2", "--fsdp"], nproc=2)
+    run(common + ["--output_dir", str(part), "--batch_size", "4", "--max_steps", "4", "--fsdp", "--resume"], nproc=2)
+    wa = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    wb = load_file(str(part / "final" / "model.safetensors"))
+    assert any(k.startswith("head.blocks.0.") for k in wa) and wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k

@@ -92,6 +92,13 @@ COVERED_ELSEWHERE = {
         "tests/test_flowmap.py::test_flowmap_benchmark_runs_as_documented",  # real data: an hour
     "python benchmarks/real_quality.py /tmp/rd --recipes default --steps 1000":
         "tests/test_real_quality_script.py::test_real_quality_script_prints_and_writes_a_row",  # real data: minutes
+    "python benchmarks/real_quality.py /tmp/sw --recipes default,w1280_d1,mini_head1024 --budget_seconds 120":
+        "tests/test_real_quality_script.py::test_real_quality_script_gives_each_recipe_the_steps_of_an_equal_budget",
+    "python benchmarks/real_quality.py /tmp/rd/wide --recipes default,w1536_d1,mini_head1280,shift_auto "
+    "--budget_seconds 150":
+        "tests/test_real_quality_script.py::test_real_quality_script_gives_each_recipe_the_steps_of_an_equal_budget",
+    "python benchmarks/real_quality.py /tmp/rd --recipes default,shift_auto,shift1 --steps 200 --warmup_steps 40":
+        "tests/test_real_quality_script.py::test_real_quality_script_prints_and_writes_a_row",
     "blip3o-denoise demo": "tests/test_demo.py::test_demo_quick_mode_beats_every_baseline_it_prints",
     "python train_universal_denoising.py --task_mode clip_denoising --chunked_embeddings_dir /data/embeddings "
     "--output_dir ./test_overfit --overfit_test_size 20 --batch_size 4 --num_epochs 50 --max_shards 1":

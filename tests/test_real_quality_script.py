@@ -41,3 +41,26 @@ def test_real_quality_script_prints_and_writes_a_row(tmp_path):
     # target prediction has one reading only: both point columns agree
     assert abs(rows[0]["point"] - rows[0]["point_exp_map"]) < 1e-6
     assert "mini_shift3_target" in proc.stdout and "ridge" in proc.stdout
+
+
+def test_real_quality_script_gives_each_recipe_the_steps_of_an_equal_budget(tmp_path):
+    data = tmp_path / "rd"
+    make_synthetic(data / "train", SyntheticSpec(num_samples=24, eva_dim=16, clip_dim=8, tokens=16, seed=0))
+    make_synthetic(data / "eval", SyntheticSpec(num_samples=6, eva_dim=16, clip_dim=8, tokens=16, seed=1))
+    script, env = str(ROOT / "benchmarks" / "real_quality.py"), {**os.environ, "BENCH_THREADS": "1"}
+    timed = subprocess.run([sys.executable, script, str(data), "--recipes", "default", "--time_only", "--workdir",
+                            str(tmp_path / "t")], capture_output=True, text=True, env=env)
+    assert timed.returncode == 0, timed.stderr[-3000:]
+    line = [ln for ln in timed.stdout.splitlines() if ln.startswith("--step_seconds default=")]
+    assert line and float(line[0].split("=")[1]) > 0
+    out = tmp_path / "rows.json"
+    # a recipe twice as costly per step gets half the steps; warmup is a fifth of the steps
+    proc = subprocess.run([sys.executable, script, str(data), "--recipes", "default,shift_auto", "--budget_seconds",
+                           "5", "--step_seconds", "default=0.25,shift_auto=0.5", "--eval_steps", "2",
+                           "--sample_eval", "4", "--output", str(out), "--workdir", str(tmp_path / "w")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["recipe"], r["steps"], r["warmup_steps"]) for r in rows] == [("default", 20, 4), ("shift_auto", 10, 2)]
+    # --time_shift auto from 16 target tokens of width 8
+    assert rows[0]["time_shift"] == 3.0 and abs(rows[1]["time_shift"] - (16 * 8 / 4096) ** 0.5) < 1e-9

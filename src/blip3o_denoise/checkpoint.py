@@ -12,7 +12,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from .config import TrainConfig
 from .distributed import load_full_model_state, load_full_state
 from .phases import record_phase
+from .model import ModelConfig
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "training_state.pt", "config.json")
 
@@ -205,7 +206,8 @@ _RESUME_FREE = {
 # Options that define the model's parameters or what it predicts: a checkpoint with other values
 # cannot be resumed (its weights would not load, or would silently mean something else).
 _RESUME_FIXED = ("task_mode", "training_mode", "model_size", "conditioning", "prediction_type", "path",
-                 "hidden_size", "depth", "num_heads", "num_kv_heads")
+                 "hidden_size", "depth", "num_heads", "num_kv_heads", "head_width", "head_depth")
+MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
 # Model config entries that change neither the parameters nor their meaning.
 _MODEL_FREE = ("cond_dropout", "grad_checkpointing")
 
@@ -224,7 +226,8 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     for k in _RESUME_FIXED:
         if k in st and k in ct and st[k] != ct[k]:
             out.append(f"--{k} {st[k]!r} -> {ct[k]!r}")
-    sm, cm = saved.get("model", {}), current.get("model", {})
+    # an entry a checkpoint lacks was added later, and its default is what that checkpoint was trained with
+    sm, cm = {**MODEL_DEFAULTS, **saved.get("model", {})}, {**MODEL_DEFAULTS, **current.get("model", {})}
     for k in sorted(set(sm) | set(cm)):
         if k not in _MODEL_FREE and sm.get(k) != cm.get(k):
             out.append(f"model {k} {sm.get(k)!r} -> {cm.get(k)!r}")

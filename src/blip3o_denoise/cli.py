@@ -16,7 +16,15 @@ from .lock import LOCK_NAME, command_line, output_lock
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, its help text from the field; a bool that defaults to true
     gets ``--no_<name>``."""
-    from .config import TrainConfig
+    from .config import AUTO, AUTO_OPTIONS, TrainConfig
+
+    def number_or_auto(text: str) -> float:
+        if text == "auto":
+            return AUTO
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
     p.add_argument("--config", default=argparse.SUPPRESS,
                    help="YAML or JSON file of options; flags given here override it")
@@ -30,6 +38,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                 p.add_argument(f"--{f.name}", action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
             continue
         kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        if f.name in AUTO_OPTIONS:
+            kind = number_or_auto
         p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: {default})")
 

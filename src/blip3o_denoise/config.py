@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from .data.dataset import TASK_MODES, TRAINING_MODES
 from .flow import NOISE_SCHEDULES, PATHS, PREDICTION_TYPES, FlowConfig
-from .model import CONDITIONING_MODES, PRESETS
+from .model import CONDITIONING_MODES, HEAD_DIM, PRESETS
 from .sampling import SOLVERS
 
 
@@ -85,10 +85,14 @@ class TrainConfig:
     depth: int = opt(0, "override the preset's number of blocks (0 = preset)")
     num_heads: int = opt(0, "override the preset's attention heads (0 = preset)")
     num_kv_heads: int = opt(0, "override the preset's key/value heads (0 = preset)")
+    head_width: int = opt(0, f"wide head: width of --head_depth blocks after the body, a multiple of {HEAD_DIM}, at "
+                             "least the token width to lift the hidden-width bottleneck of the output (0 = no head)")
+    head_depth: int = opt(0, "wide head: number of blocks at --head_width (0 = no head)")
     logit_normal_mean: float = opt(0.0, "mean of the logit-normal noise-level law")
     logit_normal_std: float = opt(1.0, "std of the logit-normal noise-level law")
     time_shift: float = opt(3.0, "shift the noise-level law toward noise: s -> a s / (1 + (a - 1) s) (1 = no shift; 3"
-                                 " won on the real development benchmark at N = 256, D = 256)")
+                                 " won on the real development benchmark at N = 256, D = 256; auto (or 0) = "
+                                 "sqrt(N * D / 4096) from the training data's token count N and width D)")
     path: str = opt("sphere", "sphere (slerp path, steps on the sphere: the method) or euclidean (straight line "
                               "between the same unit tokens, normalised at the end: the A/B counterpart)")
     flow_map_share: float = opt(0.0, "share of each batch trained for self-consistency of flow-map jumps (0 = an "
@@ -136,7 +140,7 @@ class TrainConfig:
             raise ValueError(f"--num_workers: expected >= 0, or -1 for auto, got {self.num_workers}")
         for name in ("max_steps", "warmup_steps", "keep_checkpoints", "eval_every_n_steps",
                      "save_every_n_steps", "overfit_test_size", "max_shards", "hidden_size", "depth", "num_heads",
-                     "num_kv_heads", "max_grad_norm", "weight_decay"):
+                     "num_kv_heads", "max_grad_norm", "weight_decay", "head_width", "head_depth", "time_shift"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}: expected >= 0, got {getattr(self, name)}")
         for name, hi in (("ema_decay", "1)"), ("holdout_fraction", "1)"), ("cond_dropout", "1)"),
@@ -157,15 +161,20 @@ class TrainConfig:
             raise ValueError("--flow_map_share: flow-map jumps are exp-map jumps on the sphere (--path sphere)")
         if self.solver == "jump" and self.flow_map_share == 0:
             raise ValueError("--solver jump reads model calls as flow-map jumps: it needs --flow_map_share > 0")
-        self.flow_config()  # validates the noise range and weights
+        if (self.head_width > 0) != (self.head_depth > 0) or self.head_width % HEAD_DIM:
+            raise ValueError(f"--head_width {self.head_width} --head_depth {self.head_depth}: expected both 0 (no head)"
+                             f" or both > 0 with --head_width a multiple of {HEAD_DIM}")
+        self.flow_config(validate_only=True)  # validates the noise range and weights
 
-    def flow_config(self) -> FlowConfig:
+    def flow_config(self, validate_only: bool = False) -> FlowConfig:
+        if self.time_shift == AUTO and not validate_only:
+            raise ValueError("--time_shift auto is resolved from the data when the run is built (train.build)")
         return FlowConfig(
             prediction_type=self.prediction_type, noise_schedule=self.noise_schedule,
             min_noise_level=self.min_noise_level, max_noise_level=self.max_noise_level,
             sphere_constraint_weight=self.sphere_constraint_weight,
             logit_normal_mean=self.logit_normal_mean, logit_normal_std=self.logit_normal_std,
-            time_shift=self.time_shift, path=self.path,
+            time_shift=1.0 if self.time_shift == AUTO else self.time_shift, path=self.path,
         )
 
     @classmethod
@@ -176,6 +185,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{where}: unknown option(s) {unknown}")
         return cls(**{k: _coerce(k, v, kinds[k], where) for k, v in d.items()})
+
+
+# Options whose value "auto" is stored as AUTO and resolved from the data when the run is built.
+AUTO = 0.0
+AUTO_OPTIONS = ("time_shift",)
 
 
 def _coerce(name: str, value, kind: str, where: str):
@@ -197,6 +211,8 @@ def _coerce(name: str, value, kind: str, where: str):
         return value
     if isinstance(value, bool):
         raise bad("a number")
+    if name in AUTO_OPTIONS and value == "auto":
+        return AUTO
     if isinstance(value, str):
         try:
             value = float(value.strip()) if kind == "float" else int(value.strip())
@@ -223,3 +239,9 @@ AUTO_LR_AT_256 = 1e-3
 
 def auto_learning_rate(hidden_size: int) -> float:
     return AUTO_LR_AT_256 * 256 / hidden_size
+
+
+def auto_time_shift(tokens: int, width: int) -> float:
+    """``sqrt(N * D / 4096)``: the shift that keeps the signal-to-noise law of N tokens of width D
+    where it is for 4096 numbers (RAE's dimension-dependent shift; 8 for 256 CLIP tokens of 1024)."""
+    return math.sqrt(tokens * width / 4096)

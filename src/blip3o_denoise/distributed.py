@@ -102,7 +102,7 @@ def shard(*models) -> None:
     from torch.distributed.fsdp import fully_shard
 
     for m in models:
-        for blk in m.blocks:
+        for blk in [*m.blocks, *(m.head.blocks if m.head is not None else ())]:
             fully_shard(blk)
         fully_shard(m)
 

@@ -13,7 +13,7 @@ cross-attention keys and values of every block are cached with it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,9 @@ PRESETS = {
     "base": (768, 12, 12, 4),
     "large": (1024, 24, 16, 4),
 }
+
+# Attention head width inside the wide head (its heads = head_width / HEAD_DIM).
+HEAD_DIM = 64
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -58,6 +61,11 @@ class ModelConfig:
     zero_init_output: bool = True
     # A flow map also takes a step size d >= 0 (see flowmap.py); d = 0 is exactly the velocity model.
     flow_map: bool = False
+    # The wide head (off at 0): head_depth blocks at width head_width after the body, fed the body's
+    # output and the noisy input itself, so the output layer is head_width -> input_dim instead of
+    # hidden_size -> input_dim (see WideHead).
+    head_width: int = 0
+    head_depth: int = 0
 
     def __post_init__(self):
         if self.conditioning not in CONDITIONING_MODES:
@@ -70,6 +78,12 @@ class ModelConfig:
             raise ValueError("head dimension must be even for rotary embeddings")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout: expected a probability in [0, 1), got {self.cond_dropout}")
+        if (self.head_width > 0) != (self.head_depth > 0) or self.head_width < 0 or self.head_depth < 0:
+            raise ValueError(f"head_width {self.head_width} and head_depth {self.head_depth}: set both > 0 for a "
+                             "wide head, or both 0 for none")
+        if self.head_width % HEAD_DIM:
+            raise ValueError(f"head_width {self.head_width}: expected a multiple of {HEAD_DIM} (its attention heads "
+                             f"are {HEAD_DIM} wide)")
 
     @property
     def uses_cross_attention(self) -> bool:
@@ -78,6 +92,19 @@ class ModelConfig:
     @property
     def uses_aligned(self) -> bool:
         return self.conditioning in ("aligned", "both")
+
+    @property
+    def out_width(self) -> int:
+        """Width of the features the output layer reads: the head's if there is one, else the body's."""
+        return self.head_width or self.hidden_size
+
+    def head_config(self) -> "ModelConfig":
+        """The wide head's blocks: self-attention and MLP at head_width, no cross-attention (the
+        condition reaches the head through the body's output and the pooled AdaLN vector)."""
+        heads = self.head_width // HEAD_DIM
+        return replace(self, hidden_size=self.head_width, depth=self.head_depth, num_heads=heads,
+                       num_kv_heads=heads // 4 if heads % 4 == 0 else heads, conditioning="aligned",
+                       head_width=0, head_depth=0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -270,6 +297,37 @@ def timestep_features(t: torch.Tensor, dim: int, scale: float = 1000.0, max_peri
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+class WideHead(nn.Module):
+    """Blocks at width ``W >= D`` between the body (width ``H``) and the output layer.
+
+    With only the body, the output ``out: H -> D`` puts every predicted velocity of a token in an
+    H-dimensional subspace; the noise-removing part of the velocity is full-rank in the noisy input,
+    so a model narrower than its tokens cannot fit it (RAE, 2025). The head reads the noisy tokens
+    again at full width (``x_in: D -> W``) beside the body's output (``body_in: H -> W``), so the
+    map from input to output can reach rank ``min(W, D)``. Its blocks start as the identity.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hc = cfg.head_config()
+        self.body_norm = RMSNorm(cfg.hidden_size, affine=False)
+        self.body_in = nn.Linear(cfg.hidden_size, hc.hidden_size)
+        self.x_in = nn.Linear(cfg.input_dim, hc.hidden_size)
+        self.cond = nn.Linear(cfg.hidden_size, hc.hidden_size)
+        self.rope = Rope3D(HEAD_DIM, cfg.rope_base)
+        self.blocks = nn.ModuleList(Block(hc) for _ in range(hc.depth))
+
+    def forward(self, x, x_scaled, c, positions, grad_checkpointing: bool = False):
+        """Body output ``x [B, N, H]``, input ``x_scaled [B, N, D]`` (unit variance), ``c [B, H]`` ->
+        ``[B, N, W]``."""
+        h = self.body_in(self.body_norm(x)) + self.x_in(x_scaled.to(self.x_in.weight.dtype))
+        ch = self.cond(c)
+        rope = self.rope.angles(positions)
+        for blk in self.blocks:
+            h = checkpoint(blk, h, ch, rope, None, use_reentrant=False) if grad_checkpointing else blk(h, ch, rope)
+        return h
+
+
 @dataclass
 class ConditionCache:
     """The projected condition and every block's cross-attention keys/values."""
@@ -299,12 +357,15 @@ class UniversalDiT(nn.Module):
             nn.init.zeros_(self.step_embed[2].bias)
         self.rope = Rope3D(h // cfg.num_heads, cfg.rope_base)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.final_norm = RMSNorm(h, affine=False)
-        self.final_ada = nn.Linear(h, 2 * h)
-        self.out = nn.Linear(h, cfg.input_dim)
+        w = cfg.out_width
+        self.final_norm = RMSNorm(w, affine=False)
+        self.final_ada = nn.Linear(h, 2 * w)
+        self.out = nn.Linear(w, cfg.input_dim)
         for m in (self.final_ada, self.out) if cfg.zero_init_output else (self.final_ada,):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        # Built last, so a model without a head draws its initial weights exactly as before the head existed.
+        self.head = WideHead(cfg) if cfg.head_width else None
 
     # Inputs are unit tokens whose coordinates are ~1/sqrt(D); rescale them to unit variance so
     # the projections see the same scale at every width, and scale outputs back the same way.
@@ -351,7 +412,8 @@ class UniversalDiT(nn.Module):
             if drop_mask is None and self.training and self.cfg.cond_dropout > 0 and cond is not None:
                 drop_mask = torch.rand(b, device=x_t.device) < self.cfg.cond_dropout
             cache = self.prepare_condition(cond, b, n, drop_mask)
-        x = self.x_embed((x_t.float() * math.sqrt(d)).to(self.x_embed.weight.dtype))
+        x_scaled = x_t.float() * math.sqrt(d)
+        x = self.x_embed(x_scaled.to(self.x_embed.weight.dtype))
         if self.cfg.uses_aligned:
             if cache.tokens.shape[1] != n:
                 raise ValueError(
@@ -361,13 +423,16 @@ class UniversalDiT(nn.Module):
             x = x + cache.tokens
         c = self.t_embed(timestep_features(t.expand(b) if t.dim() == 0 else t, self.t_freq_dim, self.cfg.time_scale))
         c = c + cache.pooled + self.step_embedding(step_size, b, c.device)
-        rope = self.rope.angles(grid_positions(n, x.device))
+        positions = grid_positions(n, x.device)
+        rope = self.rope.angles(positions)
         for i, blk in enumerate(self.blocks):
             kv = cache.cross_kv[i] if blk.cross else None
             if self.cfg.grad_checkpointing and self.training:
                 x = checkpoint(blk, x, c, rope, kv, use_reentrant=False)
             else:
                 x = blk(x, c, rope, kv)
+        if self.head is not None:
+            x = self.head(x, x_scaled, c, positions, self.cfg.grad_checkpointing and self.training)
         shift, scale = self.final_ada(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
         out = self.out(_modulate(self.final_norm(x), shift, scale))
         return out.float() / math.sqrt(d)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import (
     Position, checkpoint_dirs, export_model, load_initial_weights, resume, save_checkpoint, training_state,
 )
-from .config import TrainConfig, auto_learning_rate
+from .config import AUTO, TrainConfig, auto_learning_rate, auto_time_shift
 from .data.dataset import PairDataset, split_indices
 from .data.noise import NoiseCollate
 from .data.engine_format import check_chunks_present
@@ -220,10 +220,13 @@ def build(cfg: TrainConfig) -> Run:
         cond_dropout=cfg.cond_dropout, grad_checkpointing=cfg.grad_checkpointing,
         zero_init_output=cfg.prediction_type == "velocity", hidden_size=cfg.hidden_size or None,
         depth=cfg.depth or None, num_heads=cfg.num_heads or None,
-        num_kv_heads=cfg.num_kv_heads or None, flow_map=cfg.flow_map_share > 0,
+        num_kv_heads=cfg.num_kv_heads or None, flow_map=cfg.flow_map_share > 0, head_width=cfg.head_width,
+        head_depth=cfg.head_depth,
     )
     if cfg.learning_rate == 0:  # resolved here, so the run's config, resume and logs carry the number
         cfg.learning_rate = auto_learning_rate(mcfg.hidden_size)
+    if cfg.time_shift == AUTO:
+        cfg.time_shift = auto_time_shift(train_set.tokens, train_set.target_dim)
     model = UniversalDiT(mcfg).to(device)
     if cfg.init_from:
         load_initial_weights(model, cfg.init_from)
