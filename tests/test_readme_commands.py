@@ -98,7 +98,7 @@ COVERED_ELSEWHERE = {
     "--budget_seconds 150":
         "tests/test_real_quality_script.py::test_real_quality_script_gives_each_recipe_the_steps_of_an_equal_budget",
     "python benchmarks/real_quality.py /tmp/rd --recipes default,shift_auto,shift1 --steps 200 --warmup_steps 40":
-        "tests/test_real_quality_script.py::test_real_quality_script_prints_and_writes_a_row",
+        "tests/test_real_quality_script.py::test_real_quality_script_gives_each_recipe_the_steps_of_an_equal_budget",
     "blip3o-denoise demo": "tests/test_demo.py::test_demo_quick_mode_beats_every_baseline_it_prints",
     "python train_universal_denoising.py --task_mode clip_denoising --chunked_embeddings_dir /data/embeddings "
     "--output_dir ./test_overfit --overfit_test_size 20 --batch_size 4 --num_epochs 50 --max_shards 1":

@@ -27,7 +27,8 @@ def test_real_quality_script_prints_and_writes_a_row(tmp_path):
         return proc
 
     # the README's command (the default recipe); only the data and its step count are swapped
-    bench(readme_command("python benchmarks/real_quality.py", {"/tmp/rd": data, "--steps": "2"}))
+    bench(readme_command("python benchmarks/real_quality.py /tmp/rd --recipes default --steps",
+                         {"/tmp/rd": data, "--steps": "2"}))
     rows = json.loads(out.read_text())
     assert [r["recipe"] for r in rows] == ["default"] and -1 <= rows[0]["point"] <= 1
     proc = bench(["benchmarks/real_quality.py", str(data), "--recipes", "mini_shift3_target", "--steps", "2"])
@@ -48,6 +49,21 @@ def test_real_quality_script_gives_each_recipe_the_steps_of_an_equal_budget(tmp_
     make_synthetic(data / "train", SyntheticSpec(num_samples=24, eva_dim=16, clip_dim=8, tokens=16, seed=0))
     make_synthetic(data / "eval", SyntheticSpec(num_samples=6, eva_dim=16, clip_dim=8, tokens=16, seed=1))
     script, env = str(ROOT / "benchmarks" / "real_quality.py"), {**os.environ, "BENCH_THREADS": "1"}
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from real_quality import RECIPES
+
+    # the README's wide-token commands: every recipe they name exists (their budgets are minutes of real data)
+    for argv in (readme_command("python benchmarks/real_quality.py /tmp/sw"),
+                 readme_command("python benchmarks/real_quality.py /tmp/rd/wide")):
+        assert set(argv[argv.index("--recipes") + 1].split(",")) <= set(RECIPES), argv
+    # and the noise-shift command runs, with its data and step counts swapped
+    out3 = tmp_path / "shift.json"
+    argv = readme_command("python benchmarks/real_quality.py /tmp/rd --recipes default,shift_auto",
+                          {"/tmp/rd": data, "--steps": "2", "--warmup_steps": "1"})
+    proc = subprocess.run([sys.executable, *argv, "--eval_steps", "2", "--sample_eval", "4", "--output", str(out3),
+                           "--workdir", str(tmp_path / "s")], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["recipe"] for r in json.loads(out3.read_text())] == ["default", "shift_auto", "shift1"]
     timed = subprocess.run([sys.executable, script, str(data), "--recipes", "default", "--time_only", "--workdir",
                             str(tmp_path / "t")], capture_output=True, text=True, env=env)
     assert timed.returncode == 0, timed.stderr[-3000:]
