@@ -5,9 +5,9 @@ The README is parsed when the tests run, so an edited or added command is tested
 repository root, except for:
 
 - data directories (``/data/...``) -> small synthetic data made by ``blip3o-denoise make-synthetic``,
-  and output paths (``--output_dir``, ``--output``, ``--cache_dir``, ``convert``'s destination) ->
-  fresh temporary folders; ``--checkpoint`` -> one tiny (``micro``) run trained once for the module
-  with the README's training flags (the README's own ``base`` run is trained here too, but
+  and output paths (``--output_dir``, ``--output``, ``--cache_dir``, ``convert``'s destination,
+  ``make-synthetic``'s folder) -> fresh temporary folders; ``--checkpoint`` -> one tiny (``micro``) run
+  trained once for the module with the README's training flags (the README's own ``base`` run is trained here too, but
   evaluating it would take minutes);
 - ``s3://bucket/...`` -> moto's S3 server, started on 127.0.0.1 for the module (credentials and
   ``AWS_ENDPOINT_URL`` in the commands' environment), holding a conversion of a 40-sample dataset
@@ -194,7 +194,8 @@ def substitute(cmd: str, ws: dict, out: Path, s3: dict | None = None) -> list[st
     for i, tok in enumerate(tokens[1:], 1):
         prev = tokens[i - 1]
         if prev in OUTPUT_FLAGS or (tokens[:2] == ["blip3o-denoise", "convert"] and not tok.startswith("-")
-                                    and positional == 2):
+                                    and positional == 2) or (
+                tokens[:2] == ["blip3o-denoise", "make-synthetic"] and not tok.startswith("-") and positional == 1):
             tok = f"s3://bucket/{out.parent.name}/blip3o" if tok.startswith("s3://") else str(out / Path(tok).name)
         elif prev == "--checkpoint":
             tok = str(s3["ckpt"] if s3 else ws["ckpt"])
