@@ -270,3 +270,20 @@ def test_flowmap_benchmark_runs_as_documented(tmp_path):
         ("fast_clip", "jump", 1), ("fast_clip", "jump", 2)]
     assert rows[1]["calls_per_train_step"] == 1.5 and rows[0]["calls_per_train_step"] == 1.0
     assert all(x["step_seconds"] > 0 for x in rows)
+
+
+def test_a_run_saved_before_flow_maps_starts_a_flow_map():
+    """Its config lacks the options added since (flow_map, the head): they read as their defaults."""
+    from pathlib import Path
+
+    from blip3o_denoise.checkpoint import load_initial_weights
+    from blip3o_denoise.pipeline import Denoiser
+
+    run = Path(__file__).parent / "fixtures" / "run_before_flow_maps"
+    fm = UniversalDiT(config_from_preset("micro", 8, 12, hidden_size=32, depth=1, num_heads=2, num_kv_heads=1,
+                                         flow_map=True))
+    load_initial_weights(fm, run)
+    old = Denoiser.from_pretrained(run).model
+    x, c, t = S.normalize(torch.randn(2, 4, 8)), torch.randn(2, 4, 12), torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        assert torch.equal(fm(x, t, c, step_size=torch.tensor([0.5, 0.25])), old(x, t, c))

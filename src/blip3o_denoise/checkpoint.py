@@ -354,8 +354,10 @@ def load_initial_weights(model, path: str | Path) -> Path:
     weight file read.
     """
     ck = resolve_checkpoint(path)
-    saved = json.loads((ck / "config.json").read_text())["model"]
     mine = model.cfg.to_dict()
+    # a run saved before an option existed has that option's default (as in resume)
+    defaults = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
+    saved = {**defaults, **json.loads((ck / "config.json").read_text())["model"]}
     differ = sorted(k for k in set(saved) | set(mine) if k not in INIT_FROM_FREE and saved.get(k) != mine.get(k))
     if differ:
         raise ValueError(f"--init_from {path}: its model differs from this run's in "
