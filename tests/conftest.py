@@ -53,15 +53,22 @@ def tiny_run(tmp_path_factory):
     return data, root / "run"
 
 
-def readme_commands() -> list[str]:
-    """The commands of the README's ```bash blocks: continuation lines joined, comments dropped,
-    ``a && b`` split, whitespace normalised."""
-    import re
+def doc_pages() -> list:
+    """The documentation: README.md, then every page of docs/."""
     from pathlib import Path
 
+    root = Path(__file__).resolve().parents[1]
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def readme_commands() -> list[str]:
+    """The commands of the ```bash blocks of README.md and every docs/*.md page: continuation lines joined,
+    comments dropped, ``a && b`` split, whitespace normalised."""
+    import re
+
     cmds = []
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    blocks = [b for page in doc_pages() for b in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
+    for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"(^|\s)#.*$", "", line).strip()
             cmds += [" ".join(part.split()) for part in line.split(" && ") if part.strip()]
@@ -69,13 +76,13 @@ def readme_commands() -> list[str]:
 
 
 def readme_command(start: str, replace: dict | None = None, drop: tuple = ()) -> list[str]:
-    """The README's one command that starts with ``start``, as argv without the program, with only declared
-    changes: ``replace`` maps a flag to its new value (``{"--model_size": "micro"}``) or a token to another
-    (a data path); ``drop`` lists flags removed with their value (a bare flag alone)."""
+    """The one command of README.md and docs/*.md that starts with ``start``, as argv without the program, with
+    only declared changes: ``replace`` maps a flag to its new value (``{"--model_size": "micro"}``) or a token to
+    another (a data path); ``drop`` lists flags removed with their value (a bare flag alone)."""
     import shlex
 
     found = [c for c in readme_commands() if c.startswith(start)]
-    assert len(found) == 1, f"expected one README command starting with {start!r}, found {found}"
+    assert len(found) == 1, f"expected one command in README.md and docs/*.md starting with {start!r}, found {found}"
     tokens, out, replace = shlex.split(found[0]), [], dict(replace or {})
     i = 1
     while i < len(tokens):

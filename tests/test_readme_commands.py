@@ -1,6 +1,7 @@
-"""Every command in the README's ```bash blocks runs here, or is listed with the reason it cannot.
+"""Every command in the ```bash blocks of README.md and docs/*.md runs here, or is listed with the reason it
+cannot.
 
-The README is parsed when the tests run, so an edited or added command is tested (or fails
+The pages are parsed when the tests run, so an edited or added command is tested (or fails
 ``test_every_readme_command_is_run_or_listed`` until it is handled). Commands run verbatim from the
 repository root, except for:
 
@@ -117,11 +118,12 @@ def to_run() -> list[str]:
 
 def test_every_readme_command_is_run_or_listed():
     cmds = readme_commands()
-    assert cmds, "no ```bash blocks found in README.md"
+    assert cmds, "no ```bash blocks found in README.md and docs/*.md"
     unhandled = [c for c in to_run() if not c.startswith(RUNNABLE)]
-    assert not unhandled, f"README commands not run by this file nor listed in SKIPPED/COVERED_ELSEWHERE: {unhandled}"
+    assert not unhandled, (f"commands of README.md and docs/*.md not run by this file nor listed in "
+                           f"SKIPPED/COVERED_ELSEWHERE: {unhandled}")
     stale = [c for c in (*SKIPPED, *COVERED_ELSEWHERE) if c not in cmds]
-    assert not stale, f"listed commands no longer in the README: {stale}"
+    assert not stale, f"listed commands no longer in README.md nor docs/*.md: {stale}"
     for cmd, test in COVERED_ELSEWHERE.items():
         path, name = test.split("::")
         text = (ROOT / path).read_text()
