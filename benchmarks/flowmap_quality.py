@@ -1,6 +1,6 @@
 """Few-call sampling: a flow-map model at 1, 2, 4, 8 calls beside an ordinary model at 10 and 50 steps.
 
-Both runs are trained beforehand with `blip3o-denoise train` (the README's "Fast sampling" shows the
+Both runs are trained beforehand with `blip3o-denoise train` (docs/real-data.md, "Fast sampling", shows the
 commands); this script scores them on the same held-out samples, with the same seed and noise:
 
     python benchmarks/flowmap_quality.py --eval_dir /tmp/rd/eval --train_dir /tmp/rd/train \\

@@ -220,7 +220,7 @@ def evaluate(
     cfg: EvalConfig | None = None, baselines: Baselines | None = None, details: dict | None = None,
 ) -> dict:
     """Evaluate on ``batch = {"target": [B, N, D], "condition": [B, N, De]}`` (held-out samples,
-    read once by the caller). Returns the dict documented in the README.
+    read once by the caller). Returns the dict documented in docs/evaluation.md (the results file).
 
     With ``details`` (a dict), the first retrieval pool's score matrices are left there for
     pictures (``retrieval.evaluate_retrieval``).
