@@ -97,7 +97,9 @@ def train(kind, steps, share=0.5):
         path = PathSample(x, x, x, t, velocity(x))
         d = None
         if kind == "shortcut":
-            jumps = draw_consistency(list(range(step * 128, step * 128 + 128)), t, cfg.flow_map_share, 1 / 8)
+            jumps, t_jump = draw_consistency(list(range(step * 128, step * 128 + 128)), cfg.flow_map_share, 1 / 8)
+            t = torch.where(jumps > 0, t_jump, t)
+            path = PathSample(x, x, x, t, velocity(x))
             path, d = flow_map_targets(net, path, None, None, jumps, cfg, nullcontext())
         elif kind == "meanflow":
             u, d = meanflow_targets(net, x, t, share, step)

@@ -71,16 +71,34 @@ def test_the_jump_solver_is_exact_for_an_exact_flow_map_in_one_call():
 def test_dyadic_steps_and_consistency_draws():
     assert dyadic_steps(1 / 8) == [1.0, 0.5, 0.25, 0.125]
     seeds = list(range(4000))
-    t = torch.rand(4000, generator=torch.Generator().manual_seed(0))
-    two_d = draw_consistency(seeds, t, 0.25, 1 / 128)
+    two_d, t = draw_consistency(seeds, 0.25, 1 / 8)
     chosen = two_d > 0
     assert abs(float(chosen.float().mean()) - 0.25) < 0.03
-    assert bool((two_d[chosen] <= 1 - t[chosen] + 1e-6).all())  # every jump ends by t = 1
-    assert set(two_d[chosen].tolist()) <= set(dyadic_steps(1 / 128))
-    # a sample's draw depends on its seed and time only, not on the batch it is in
-    part = draw_consistency(seeds[1000:1100], t[1000:1100], 0.25, 1 / 128)
-    assert torch.equal(part, two_d[1000:1100])
-    assert float(draw_consistency([1], torch.tensor([0.999]), 0.99, 1 / 128)[0]) == 0.0  # nothing fits: flow matching
+    assert bool(torch.isnan(t[~chosen]).all()) and not bool(torch.isnan(t[chosen]).any())
+    assert bool((t[chosen] + two_d[chosen] <= 1 + 1e-6).all())  # every jump ends by t = 1
+    assert torch.equal(torch.remainder(t[chosen] / two_d[chosen], 1.0), torch.zeros(int(chosen.sum())))  # its grid
+    assert set(two_d[chosen].tolist()) == set(dyadic_steps(1 / 8))  # every jump is trained, 1 included
+    assert bool(((two_d == 1.0) & (t == 0.0)).any()) and bool(((two_d == 0.5) & (t == 0.5)).any())
+    # a sample's draw depends on its seed only, not on the batch it is in
+    part = draw_consistency(seeds[1000:1100], 0.25, 1 / 8)
+    assert torch.equal(part[0], two_d[1000:1100])
+    # a noise range that starts above t = 0 (max noise level 0.6): grid starts from t >= 0.4 only
+    two_d, t = draw_consistency(seeds, 0.25, 1 / 8, t_lo=0.4)
+    assert bool((t[two_d > 0] >= 0.4 - 1e-6).all()) and 1.0 not in set(two_d.tolist())
+
+
+def test_the_loader_trains_jumps_from_their_grid():
+    from blip3o_denoise.data.noise import NoiseCollate
+
+    items = [{"target": torch.randn(4, 8), "condition": torch.randn(4, 12), "index": torch.tensor(i)}
+             for i in range(64)]
+    batch = NoiseCollate(FlowConfig(min_noise_level=0.0, max_noise_level=1.0, time_shift=3.0), seed=3,
+                         flow_map_share=0.5, flow_map_min_step=1 / 4)(items)
+    jump = batch["step"] > 0
+    t = 1 - batch["noise_level"]
+    assert 10 < int(jump.sum()) < 54
+    assert torch.allclose(torch.remainder(t[jump] / batch["step"][jump] + 1e-6, 1.0), torch.zeros(int(jump.sum())),
+                          atol=1e-4)
 
 
 def _dit(flow_map: bool, seed=0):
@@ -158,7 +176,9 @@ def train_toy(share, steps=800, seed=0):
         path = PathSample(x, x, x, t, rotation_velocity(x.double(), t).float())
         two_d = None
         if share:
-            jumps = draw_consistency(list(range(step * 128, step * 128 + 128)), t, cfg.flow_map_share, 1 / 8)
+            jumps, t_jump = draw_consistency(list(range(step * 128, step * 128 + 128)), cfg.flow_map_share, 1 / 8)
+            t = torch.where(jumps > 0, t_jump, t)
+            path = PathSample(x, x, x, t, rotation_velocity(x.double(), t).float())
             path, two_d = flow_map_targets(net, path, None, None, jumps, cfg, nullcontext())
         loss, _ = flow_loss(net(path.x_t, path.t, step_size=two_d), path, fcfg)
         opt.zero_grad()

@@ -18,8 +18,9 @@ the log map, so it is a tangent vector at ``x_t``, never an ambient difference:
 
 For the exact flow map of the ODE, ``X(., t, 2d)`` is the composition of two ``d`` maps, and
 ``exp_{x_t}(2d w*) = x_end`` (the log map inverts the exp map below angle pi), so the loss is zero.
-The jumps ``2d`` are dyadic, ``2^-k`` down to ``min_step``; the two half jumps of the smallest
-one use ``d = 0`` (the velocity), so the recursion is anchored on flow matching.
+The jumps ``2d`` are dyadic, ``2^-k`` down to ``min_step``, each trained from the start times of
+its own grid (multiples of ``2d``, where the sampler starts its jumps); the two half jumps of the
+smallest one use ``d = 0`` (the velocity), so the recursion is anchored on flow matching.
 """
 
 from __future__ import annotations
@@ -51,22 +52,31 @@ def dyadic_steps(min_step: float) -> list[float]:
     return steps
 
 
-def draw_consistency(seeds: list[int], t: torch.Tensor, share: float, min_step: float) -> torch.Tensor:
-    """Per sample, the jump ``2d`` it trains for self-consistency, or 0 (it trains flow matching).
+def draw_consistency(seeds: list[int], share: float, min_step: float, t_lo: float = 0.0,
+                     t_hi: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the jump ``2d`` it trains for self-consistency (0: it trains flow matching) and the
+    time it trains it from (NaN for flow matching).
 
-    A sample trains a jump with probability ``share``, the jump drawn uniformly from the dyadic
-    jumps that fit before ``t = 1`` (``2d <= 1 - t``); when none fits it trains flow matching.
-    Draws depend only on the sample's seed and time: the same on any batch, rank or resume.
+    A sample trains a jump with probability ``share``; the jump is drawn uniformly from the dyadic
+    jumps, and its start time uniformly from that jump's grid ``t = k 2d`` inside ``[t_lo, t_hi - 2d]``:
+    the times the jump solver starts its steps from (``n`` calls start at ``0, 1/n, 2/n ...``), so the
+    jumps a sampler takes are the jumps trained, the largest ones included (a time drawn from a
+    continuous law would almost never allow a jump of 1). No start time fits: flow matching.
+    Draws depend only on the sample's seed: the same on any batch, rank, worker or resume.
     """
     steps = dyadic_steps(min_step)
-    out = torch.zeros(len(seeds), dtype=torch.float32)
-    for i, (seed, ti) in enumerate(zip(seeds, t.tolist())):
+    two_d = torch.zeros(len(seeds), dtype=torch.float32)
+    t = torch.full((len(seeds),), float("nan"), dtype=torch.float32)
+    for i, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(seed ^ SEED_SALT)
-        u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
-        fits = [s for s in steps if s <= 1.0 - ti + 1e-9]
-        if u[0] < share and fits:
-            out[i] = fits[min(int(u[1] * len(fits)), len(fits) - 1)]
-    return out
+        u = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+        if u[0] >= share:
+            continue
+        step = steps[min(int(u[1] * len(steps)), len(steps) - 1)]
+        grid = [k * step for k in range(round(1 / step)) if k * step >= t_lo - 1e-9 and k * step + step <= t_hi + 1e-9]
+        if grid:
+            two_d[i], t[i] = step, grid[min(int(u[2] * len(grid)), len(grid) - 1)]
+    return two_d, t
 
 
 @torch.no_grad()

@@ -45,7 +45,10 @@ class NoiseCollate:
         batch["noise"] = torch.stack([x for _, x in draws])
         if self.cond_dropout > 0:
             batch["drop"] = torch.tensor([condition_dropped(s, self.cond_dropout) for s in seeds])
-        if self.flow_map_share > 0:
-            t = 1.0 - batch["noise_level"].float()  # the path's own t (flow.path_from)
-            batch["step"] = draw_consistency(seeds, t, self.flow_map_share, self.flow_map_min_step)
+        if self.flow_map_share > 0:  # a jump sample trains from a start time on its jump's grid
+            two_d, t = draw_consistency(seeds, self.flow_map_share, self.flow_map_min_step,
+                                        1.0 - self.flow.max_noise_level, 1.0 - self.flow.min_noise_level)
+            jump = two_d > 0
+            batch["noise_level"] = torch.where(jump, 1.0 - t, batch["noise_level"]).to(batch["noise_level"].dtype)
+            batch["step"] = two_d
         return batch
