@@ -307,3 +307,16 @@ def test_a_run_saved_before_flow_maps_starts_a_flow_map():
     x, c, t = S.normalize(torch.randn(2, 4, 8)), torch.randn(2, 4, 12), torch.tensor([0.2, 0.7])
     with torch.no_grad():
         assert torch.equal(fm(x, t, c, step_size=torch.tensor([0.5, 0.25])), old(x, t, c))
+
+
+@pytest.mark.parametrize("opts, needle", [
+    ({"flow_map_share": -0.1}, "--flow_map_share"), ({"flow_map_share": 1.0}, "--flow_map_share"),
+    ({"flow_map_share": float("nan")}, "--flow_map_share"), ({"flow_map_min_step": 0.0}, "--flow_map_min_step"),
+    ({"flow_map_min_step": 0.3}, "--flow_map_min_step"), ({"solver": "jump"}, "--solver jump"),
+    ({"flow_map_share": 0.25, "path": "euclidean"}, "--path sphere"),
+])
+def test_flow_map_options_are_checked(opts, needle):
+    with pytest.raises(ValueError, match=needle):
+        TrainConfig(chunked_embeddings_dir="x", **opts)
+    assert TrainConfig(chunked_embeddings_dir="x", flow_map_share=0.25).solver == "jump"  # auto
+    assert TrainConfig(chunked_embeddings_dir="x").solver == "euler"

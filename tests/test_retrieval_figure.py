@@ -112,3 +112,20 @@ def test_images_json_is_checked_before_the_evaluation_runs(run, tmp_path, capsys
                  "--images_json", str(images), *CHEAP]) == 2
     err = capsys.readouterr().err
     assert "--images_json" in err and "have no image" in err and not out.exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--retrieval_pool", "1"], "--retrieval_pool"),
+    (["--retrieval_draws", "0"], "--retrieval_draws"),
+    (["--no_retrieval", "--plot", "x.png"], "--no_retrieval"),
+    (["--images_json", "DIR"], "--images_json"),
+], ids=["pool_1", "draws_0", "plot_without_retrieval", "images_json_a_directory"])
+def test_bad_retrieval_flags_are_one_line_errors_before_any_work(run, tmp_path, capsys, flags, needle):
+    data, ckpt = run
+    out = tmp_path / "r.json"
+    flags = [str(tmp_path) if f == "DIR" else str(tmp_path / f) if f == "x.png" else f for f in flags]
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--chunked_embeddings_dir", str(data), "--output", str(out),
+                 *flags, *CHEAP]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "x.png").exists()
