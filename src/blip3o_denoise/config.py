@@ -98,8 +98,12 @@ class TrainConfig:
     flow_map_share: float = opt(0.0, "share of each batch trained for self-consistency of flow-map jumps (0 = an "
                                      "ordinary velocity model; > 0: the model also takes a step size and samples "
                                      "in 1-4 calls with --solver jump)")
-    flow_map_min_step: float = opt(1.0 / 128, "smallest jump trained for self-consistency (a power of 2: 1/128 "
+    flow_map_min_step: float = opt(1.0 / 128, "smallest jump trained (self-consistency or distillation; a power of 2: 1/128 "
                                               "trains jumps 1, 1/2, ..., 1/128)")
+    distill_from: str = opt("", "flow maps: take each jump's target from this trained run's ODE (distillation from "
+                                 "a velocity model, the teacher) instead of two chained jumps of the model itself")
+    distill_steps: int = opt(4, "teacher midpoint steps per distilled jump (2 teacher calls each, whatever the jump's "
+                                "size)")
     init_from: str = opt("", "start from the weights of this run or checkpoint (fine-tuning, e.g. a velocity model "
                              "into a flow map); the optimizer starts fresh")
     progress: bool = opt(True, "show a progress bar (--no_progress hides it)")
@@ -159,6 +163,11 @@ class TrainConfig:
             self.solver = "jump" if self.flow_map_share > 0 else "euler"
         if self.flow_map_share > 0 and self.path != "sphere":
             raise ValueError("--flow_map_share: flow-map jumps are exp-map jumps on the sphere (--path sphere)")
+        if self.distill_from and self.flow_map_share == 0:
+            raise ValueError("--distill_from trains flow-map jumps: it needs --flow_map_share > 0 (the share of "
+                             "each batch distilled)")
+        if self.distill_steps < 1:
+            raise ValueError(f"--distill_steps: expected >= 1, got {self.distill_steps}")
         if self.solver == "jump" and self.flow_map_share == 0:
             raise ValueError("--solver jump reads model calls as flow-map jumps: it needs --flow_map_share > 0")
         if (self.head_width > 0) != (self.head_depth > 0) or self.head_width % HEAD_DIM:

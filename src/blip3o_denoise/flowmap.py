@@ -21,6 +21,15 @@ For the exact flow map of the ODE, ``X(., t, 2d)`` is the composition of two ``d
 The jumps ``2d`` are dyadic, ``2^-k`` down to ``min_step``, each trained from the start times of
 its own grid (multiples of ``2d``, where the sampler starts its jumps); the two half jumps of the
 smallest one use ``d = 0`` (the velocity), so the recursion is anchored on flow matching.
+
+Distillation (``--distill_from``): the target of a jump is where a trained velocity model (the
+teacher, frozen) lands when its ODE is solved over the same interval, ``n`` midpoint steps of size
+``h = 2d / n`` on the sphere:
+
+    x_end = ODE_teacher(x_t, t -> t + 2d),   w* = log_{x_t}(x_end) / (2d)
+
+Every jump size is tied to the teacher's ODE directly, so no error is passed from smaller jumps to
+larger ones (the self-consistency recursion's weakness when the model is far from exact).
 """
 
 from __future__ import annotations
@@ -91,6 +100,26 @@ def consistency_target(field: JumpField, x_t: torch.Tensor, t: torch.Tensor, two
     x_mid = jump(x_t, field(x_t, t, d_in), d)
     x_end = jump(x_mid, field(x_mid, t + d, d_in), d)
     return sphere.log_map(x_t, x_end) / sphere.broadcast_time(two_d, x_t)
+
+
+@torch.no_grad()
+def teacher_target(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_t: torch.Tensor,
+                   t: torch.Tensor, two_d: torch.Tensor, steps: int) -> torch.Tensor:
+    """``w* = log_{x_t}(x_end) / (2d)`` ``[B, N, D]``: ``x_end`` solves the teacher's ODE ``dx/dt = v(x, t)``
+    from ``t`` to ``t + 2d`` per sample, in ``steps`` midpoint steps (two teacher calls each; the velocity at
+    the half-step point is carried back to ``x`` by parallel transport, as ``sampling.integrate`` does). The
+    teacher is never asked for the velocity at the interval's end (``t = 1`` for the last jump)."""
+    if steps < 1:
+        raise ValueError(f"steps: expected >= 1, got {steps}")
+    h = two_d / steps
+    x = x_t
+    for k in range(steps):
+        tk = t + k * h
+        v = velocity(x, tk)
+        x_mid = jump(x, v, h / 2)
+        v = sphere.parallel_transport(x_mid, x, velocity(x_mid, tk + h / 2))
+        x = jump(x, v, h)
+    return sphere.log_map(x_t, x) / sphere.broadcast_time(two_d, x_t)
 
 
 def consistency_error(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .distributed import (
 )
 from .evaluate import Baselines, EvalConfig, evaluate, evaluation_cost, fit_baselines, format_results
 from .flow import PathSample, flow_loss, path_from, prediction_to_velocity
-from .flowmap import consistency_target
+from .flowmap import consistency_target, teacher_target
 from .lock import acquire, command_line, release
 from .model import UniversalDiT, config_from_preset
 from .phases import earlier_trained_keys, phase_of
@@ -123,6 +123,44 @@ class Run:
     stream: object = None  # a converted (LitData) dataset: its StreamingDataLoader, whose state resumes
     noise: NoiseCollate | None = None  # the loaders' collate: each sample's noise, drawn in the workers
     num_workers: int = 0
+    teacher: "Teacher | None" = None  # --distill_from: the frozen velocity model whose ODE gives jump targets
+
+
+@dataclass
+class Teacher:
+    """A frozen trained model read as a velocity field (flow-map distillation, ``--distill_from``)."""
+
+    model: torch.nn.Module
+    prediction_type: str
+    time_eps: float
+
+    def velocity(self, cond, drop, autocast):
+        def field(x, t):
+            with autocast:
+                raw = self.model(x, t, cond, drop_mask=drop)
+            return prediction_to_velocity(raw, x, t, self.prediction_type, self.time_eps, path="sphere")
+
+        return field
+
+
+def load_teacher(cfg: TrainConfig, data_cfg: dict, device: torch.device) -> Teacher:
+    """The run or model given to ``--distill_from``, checked against this run's data before any training."""
+    from .pipeline import Denoiser
+
+    try:
+        den = Denoiser.from_pretrained(cfg.distill_from, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--distill_from {cfg.distill_from}: {e}") from e
+    m, flow = den.model.cfg, den.config["flow"]
+    wrong = [f"{name} {have} (this run's data: {want})" for name, have, want in (
+        ("target width", m.input_dim, data_cfg["target_dim"]), ("condition width", m.cond_dim, data_cfg["cond_dim"]),
+        ("conditioning", m.conditioning, cfg.conditioning)) if have != want]
+    if den.path != "sphere":
+        wrong.append(f"path {den.path} (flow maps jump on the sphere)")
+    if wrong:
+        raise ValueError(f"--distill_from {cfg.distill_from}: the teacher does not fit this run: {'; '.join(wrong)}")
+    model = den.model.to(device).eval().requires_grad_(False)
+    return Teacher(model, den.prediction_type, flow.get("time_eps", 1e-2))
 
 
 @dataclass
@@ -277,8 +315,10 @@ def build(cfg: TrainConfig) -> Run:
         },
     }
     run_config["train_phases"] = [phase_of(run_config["train"])]
+    teacher = load_teacher(cfg, run_config["data"], device) if cfg.distill_from else None
     return Run(cfg, device, train_set, data.eval, data.overfit, model, ema, optimizer, scheduler, sampler,
-               steps_per_epoch, total_steps, run_config, stream=stream, noise=noise, num_workers=workers)
+               steps_per_epoch, total_steps, run_config, stream=stream, noise=noise, num_workers=workers,
+               teacher=teacher)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -562,7 +602,7 @@ def forward_backward(run: Run, model, batches: list[dict], epoch: int, autocast)
         step_size = None
         if cfg.flow_map_share > 0:
             path, step_size = flow_map_targets(model, path, b["condition"], b.get("drop"), batch["step"], cfg,
-                                               autocast)
+                                               autocast, run.teacher)
         with gradient_sync(model, cfg.fsdp, sync=k == accum - 1):
             with autocast:
                 pred = model(path.x_t, path.t, b["condition"], drop_mask=b.get("drop"), step_size=step_size)
@@ -576,10 +616,12 @@ def forward_backward(run: Run, model, batches: list[dict], epoch: int, autocast)
     return parts_sum, bad, (pred, path), samples
 
 
-def flow_map_targets(model, path: PathSample, cond, drop, two_d: torch.Tensor, cfg: TrainConfig, autocast):
+def flow_map_targets(model, path: PathSample, cond, drop, two_d: torch.Tensor, cfg: TrainConfig, autocast,
+                     teacher: Teacher | None = None):
     """The flow-map part of a step (flowmap.py): ``two_d [B]`` is the jump each sample trains (drawn
     with its noise, :func:`flowmap.draw_consistency`; 0: flow matching). For those samples ``u_t`` is
-    replaced by the self-consistency target ``w*`` (two chained jumps of ``d``, no gradient). Returns
+    replaced by the jump target ``w*``, without gradient: two chained jumps of ``d`` of the model itself,
+    or with a ``teacher`` where its ODE lands over the same interval (``--distill_steps``). Returns
     the path with the mixed targets and the step sizes on the device, so the loss stays
     :func:`flow.flow_loss` on one forward of the whole batch."""
     idx = torch.nonzero(two_d > 0).flatten()  # the loader's CPU tensor: no read from the device
@@ -595,7 +637,11 @@ def flow_map_targets(model, path: PathSample, cond, drop, two_d: torch.Tensor, c
             raw = model(x, t, c, drop_mask=dm, step_size=d)
         return prediction_to_velocity(raw, x, t, cfg.prediction_type, path=cfg.path)
 
-    w = consistency_target(field, path.x_t[idx_d], path.t[idx_d], two_d[idx_d], cfg.flow_map_min_step)
+    if teacher is not None:
+        w = teacher_target(teacher.velocity(c, dm, autocast), path.x_t[idx_d], path.t[idx_d], two_d[idx_d],
+                           cfg.distill_steps)
+    else:
+        w = consistency_target(field, path.x_t[idx_d], path.t[idx_d], two_d[idx_d], cfg.flow_map_min_step)
     u = path.u_t.clone()
     u[idx_d] = w.to(u.dtype)
     return replace(path, u_t=u), two_d
