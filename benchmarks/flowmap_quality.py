@@ -85,7 +85,9 @@ def step_time(run_dir, repeats=12):
         optimizer_step(run)
         if i >= 3:
             times.append(time.perf_counter() - t0)
-    calls = 1 + 2 * cfg.flow_map_share  # a forward-backward per sample, plus two no-grad calls per jump sample
+    # a forward-backward per sample, plus per jump sample two no-grad calls (self-consistency) or the teacher's
+    # 2 * --distill_steps (distillation)
+    calls = 1 + cfg.flow_map_share * (2 * cfg.distill_steps if cfg.distill_from else 2)
     return statistics.median(times), calls
 
 

@@ -164,7 +164,10 @@ class ToyField(torch.nn.Module):
 class RotationTeacher(torch.nn.Module):
     """A 'trained model' whose velocity is the rotation field exactly (the teacher of distillation tests)."""
 
-    def forward(self, x, t, cond=None, drop_mask=None):
+    def prepare_condition(self, cond, batch_size=None, num_tokens=None, drop_mask=None):
+        return None
+
+    def forward(self, x, t, cond=None, drop_mask=None, cache=None):
         return rotation_velocity(x.double(), t).to(x.dtype)
 
 
@@ -262,6 +265,59 @@ def test_distilling_an_exact_teacher_beats_self_consistency_on_a_toy():
     # measured (400 steps, seeds 0 and 1): 2 calls 0.067 / 0.069 rad vs 0.090 / 0.088; 4 calls 0.031 / 0.030
     # vs 0.063 / 0.057; at one call both are near 0.24 (the toy's field is easy to bootstrap)
     assert err(distilled, 2) < 0.9 * err(shortcut, 2) and err(distilled, 4) < 0.7 * err(shortcut, 4)
+
+
+def test_distill_from_a_trained_run(tmp_path, capsys):
+    """--distill_from end to end: the teacher is the run's EMA model, its ODE gives exactly the jump samples'
+    targets (the rest keep flow matching), and a teacher that does not fit the data is refused at start."""
+    import json
+
+    from blip3o_denoise.cli import main
+    from blip3o_denoise.data.noise import NoiseCollate
+    from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
+    from blip3o_denoise.flow import path_from, prediction_to_velocity
+    from blip3o_denoise.pipeline import Denoiser
+    from blip3o_denoise.train import build
+
+    data, other = tmp_path / "d", tmp_path / "wide"
+    make_synthetic(data, SyntheticSpec(num_samples=30, eva_dim=16, clip_dim=8, tokens=16))
+    make_synthetic(other, SyntheticSpec(num_samples=30, eva_dim=16, clip_dim=12, tokens=16))
+    small = ["--model_size", "micro", "--batch_size", "8", "--max_steps", "2", "--warmup_steps", "1",
+             "--eval_every_n_steps", "0", "--save_every_n_steps", "0", "--eval_samples", "4",
+             "--min_noise_level", "0.0", "--max_noise_level", "1.0", "--holdout_fraction", "0.2", "--no_progress"]
+    plain, fast, misfit = tmp_path / "plain", tmp_path / "fast", tmp_path / "misfit"
+    assert main(["train", "--chunked_embeddings_dir", str(data), "--output_dir", str(plain), *small]) == 0
+    assert main(["train", "--chunked_embeddings_dir", str(other), "--output_dir", str(misfit), *small]) == 0
+    distill = ["--chunked_embeddings_dir", str(data), "--flow_map_share", "0.5", "--distill_steps", "2", *small]
+    assert main(["train", "--output_dir", str(fast), "--init_from", str(plain), "--distill_from", str(plain),
+                 *distill]) == 0
+    saved = json.loads((fast / "final" / "config.json").read_text())
+    assert saved["train"]["distill_from"] == str(plain) and saved["model"]["flow_map"]
+
+    cfg = TrainConfig(chunked_embeddings_dir=str(data), output_dir=str(tmp_path / "x"), model_size="micro",
+                      min_noise_level=0.0, max_noise_level=1.0, flow_map_share=0.5, distill_steps=2,
+                      distill_from=str(plain), holdout_fraction=0.2, batch_size=8)
+    run = build(cfg)
+    collate = NoiseCollate(cfg.flow_config(), cfg.seed, flow_map_share=0.5, flow_map_min_step=cfg.flow_map_min_step)
+    batch = collate([run.train_set[i] for i in range(8)])
+    jumps = batch["step"] > 0
+    assert 0 < int(jumps.sum()) < 8
+    path = path_from(batch["target"], batch["noise"], batch["noise_level"], cfg.flow_config())
+    new, _ = flow_map_targets(run.model, path, batch["condition"], None, batch["step"], cfg, nullcontext(), run.teacher)
+    teacher, cond = Denoiser.from_pretrained(plain).model, batch["condition"][jumps]
+    with torch.no_grad():
+        ref = teacher_target(lambda x, t: prediction_to_velocity(teacher(x, t, cond), x, t, "velocity"),
+                             path.x_t[jumps], path.t[jumps], batch["step"][jumps], 2)
+    assert torch.allclose(new.u_t[jumps], ref, atol=1e-5)
+    assert torch.equal(new.u_t[~jumps], path.u_t[~jumps])
+
+    assert main(["train", "--output_dir", str(tmp_path / "bad"), "--distill_from", str(misfit), *distill]) == 2
+    err = capsys.readouterr().err
+    assert f"--distill_from {misfit}" in err and "target width 12 (this run's data: 8)" in err
+    assert not (tmp_path / "bad" / "final").exists()
+    assert main(["train", "--output_dir", str(tmp_path / "bad"), "--distill_from", str(tmp_path / "none"),
+                 *distill]) == 2
+    assert f"--distill_from {tmp_path / 'none'}" in capsys.readouterr().err
 
 
 def test_readme_fast_sampling_commands(tmp_path):
@@ -365,7 +421,8 @@ def test_a_run_saved_before_flow_maps_starts_a_flow_map():
     ({"flow_map_share": float("nan")}, "--flow_map_share"), ({"flow_map_min_step": 0.0}, "--flow_map_min_step"),
     ({"flow_map_min_step": 0.3}, "--flow_map_min_step"), ({"solver": "jump"}, "--solver jump"),
     ({"flow_map_share": 0.25, "path": "euclidean"}, "--path sphere"),
-    ({"distill_from": "runs/plain"}, "--distill_from"), ({"flow_map_share": 0.25, "distill_steps": 0}, "--distill_steps"),
+    ({"distill_from": "runs/plain"}, "--distill_from"),
+    ({"flow_map_share": 0.25, "distill_steps": 0}, "--distill_steps"),
 ])
 def test_flow_map_options_are_checked(opts, needle):
     with pytest.raises(ValueError, match=needle):

@@ -98,8 +98,8 @@ class TrainConfig:
     flow_map_share: float = opt(0.0, "share of each batch trained for self-consistency of flow-map jumps (0 = an "
                                      "ordinary velocity model; > 0: the model also takes a step size and samples "
                                      "in 1-4 calls with --solver jump)")
-    flow_map_min_step: float = opt(1.0 / 128, "smallest jump trained (self-consistency or distillation; a power of 2: 1/128 "
-                                              "trains jumps 1, 1/2, ..., 1/128)")
+    flow_map_min_step: float = opt(1.0 / 128, "smallest flow-map jump trained (a power of 2: 1/128 trains jumps 1, "
+                                              "1/2, ..., 1/128)")
     distill_from: str = opt("", "flow maps: take each jump's target from this trained run's ODE (distillation from "
                                  "a velocity model, the teacher) instead of two chained jumps of the model itself")
     distill_steps: int = opt(4, "teacher midpoint steps per distilled jump (2 teacher calls each, whatever the jump's "

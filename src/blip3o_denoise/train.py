@@ -134,10 +134,14 @@ class Teacher:
     prediction_type: str
     time_eps: float
 
-    def velocity(self, cond, drop, autocast):
+    def velocity(self, cond, drop, autocast, batch_size: int, num_tokens: int):
+        """The teacher's velocity field for these samples; their condition is projected once, not per call."""
+        with torch.no_grad(), autocast:
+            cache = self.model.prepare_condition(cond, batch_size, num_tokens, drop)
+
         def field(x, t):
             with autocast:
-                raw = self.model(x, t, cond, drop_mask=drop)
+                raw = self.model(x, t, cache=cache)
             return prediction_to_velocity(raw, x, t, self.prediction_type, self.time_eps, path="sphere")
 
         return field
@@ -638,8 +642,9 @@ def flow_map_targets(model, path: PathSample, cond, drop, two_d: torch.Tensor, c
         return prediction_to_velocity(raw, x, t, cfg.prediction_type, path=cfg.path)
 
     if teacher is not None:
-        w = teacher_target(teacher.velocity(c, dm, autocast), path.x_t[idx_d], path.t[idx_d], two_d[idx_d],
-                           cfg.distill_steps)
+        x_t = path.x_t[idx_d]
+        w = teacher_target(teacher.velocity(c, dm, autocast, x_t.shape[0], x_t.shape[1]), x_t, path.t[idx_d],
+                           two_d[idx_d], cfg.distill_steps)
     else:
         w = consistency_target(field, path.x_t[idx_d], path.t[idx_d], two_d[idx_d], cfg.flow_map_min_step)
     u = path.u_t.clone()
