@@ -315,6 +315,11 @@ def test_distill_from_a_trained_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--distill_from {misfit}" in err and "target width 12 (this run's data: 8)" in err
     assert not (tmp_path / "bad" / "final").exists()
+    narrow = tmp_path / "narrow"  # trained on the default noise range 0.1-0.9: its ODE is not defined on [0, 1]
+    assert main(["train", "--chunked_embeddings_dir", str(data), "--output_dir", str(narrow),
+                 *[a for a in small if a not in ("--min_noise_level", "0.0", "--max_noise_level", "1.0")]]) == 0
+    assert main(["train", "--output_dir", str(tmp_path / "bad"), "--distill_from", str(narrow), *distill]) == 2
+    assert "noise levels 0.1-0.9" in capsys.readouterr().err
     assert main(["train", "--output_dir", str(tmp_path / "bad"), "--distill_from", str(tmp_path / "none"),
                  *distill]) == 2
     assert f"--distill_from {tmp_path / 'none'}" in capsys.readouterr().err
@@ -416,16 +421,21 @@ def test_a_run_saved_before_flow_maps_starts_a_flow_map():
         assert torch.equal(fm(x, t, c, step_size=torch.tensor([0.5, 0.25])), old(x, t, c))
 
 
+FULL = {"min_noise_level": 0.0, "max_noise_level": 1.0}  # the noise range a flow map needs
+
+
 @pytest.mark.parametrize("opts, needle", [
     ({"flow_map_share": -0.1}, "--flow_map_share"), ({"flow_map_share": 1.0}, "--flow_map_share"),
     ({"flow_map_share": float("nan")}, "--flow_map_share"), ({"flow_map_min_step": 0.0}, "--flow_map_min_step"),
     ({"flow_map_min_step": 0.3}, "--flow_map_min_step"), ({"solver": "jump"}, "--solver jump"),
-    ({"flow_map_share": 0.25, "path": "euclidean"}, "--path sphere"),
+    ({"flow_map_share": 0.25, "path": "euclidean", **FULL}, "--path sphere"),
+    ({"flow_map_share": 0.25}, "--min_noise_level 0.0 --max_noise_level 1.0"),
+    ({"flow_map_share": 0.25, "min_noise_level": 0.0, "max_noise_level": 0.9}, "got 0.0 and 0.9"),
     ({"distill_from": "runs/plain"}, "--distill_from"),
-    ({"flow_map_share": 0.25, "distill_steps": 0}, "--distill_steps"),
+    ({"flow_map_share": 0.25, "distill_steps": 0, **FULL}, "--distill_steps"),
 ])
 def test_flow_map_options_are_checked(opts, needle):
     with pytest.raises(ValueError, match=needle):
         TrainConfig(chunked_embeddings_dir="x", **opts)
-    assert TrainConfig(chunked_embeddings_dir="x", flow_map_share=0.25).solver == "jump"  # auto
+    assert TrainConfig(chunked_embeddings_dir="x", flow_map_share=0.25, **FULL).solver == "jump"  # auto
     assert TrainConfig(chunked_embeddings_dir="x").solver == "euler"

@@ -163,6 +163,10 @@ class TrainConfig:
             self.solver = "jump" if self.flow_map_share > 0 else "euler"
         if self.flow_map_share > 0 and self.path != "sphere":
             raise ValueError("--flow_map_share: flow-map jumps are exp-map jumps on the sphere (--path sphere)")
+        if self.flow_map_share > 0 and (self.min_noise_level != 0.0 or self.max_noise_level != 1.0):
+            raise ValueError(f"--flow_map_share: flow-map jumps run from pure noise (t = 0) to clean tokens (t = 1) on "
+                             f"a grid of both: they need --min_noise_level 0.0 --max_noise_level 1.0, got "
+                             f"{self.min_noise_level} and {self.max_noise_level}")
         if self.distill_from and self.flow_map_share == 0:
             raise ValueError("--distill_from trains flow-map jumps: it needs --flow_map_share > 0 (the share of "
                              "each batch distilled)")

@@ -159,6 +159,9 @@ def load_teacher(cfg: TrainConfig, data_cfg: dict, device: torch.device) -> Teac
     wrong = [f"{name} {have} (this run's data: {want})" for name, have, want in (
         ("target width", m.input_dim, data_cfg["target_dim"]), ("condition width", m.cond_dim, data_cfg["cond_dim"]),
         ("conditioning", m.conditioning, cfg.conditioning)) if have != want]
+    if (flow.get("min_noise_level", 0.0), flow["max_noise_level"]) != (0.0, 1.0):
+        wrong.append(f"noise levels {flow.get('min_noise_level', 0.0)}-{flow['max_noise_level']} (its ODE is solved "
+                     "from t = 0 to t = 1: it must be trained with --min_noise_level 0.0 --max_noise_level 1.0)")
     if den.path != "sphere":
         wrong.append(f"path {den.path} (flow maps jump on the sphere)")
     if wrong:
