@@ -83,19 +83,22 @@ def readme_command(start: str, replace: dict | None = None, drop: tuple = ()) ->
 
     found = [c for c in readme_commands() if c.startswith(start)]
     assert len(found) == 1, f"expected one command in README.md and docs/*.md starting with {start!r}, found {found}"
-    tokens, out, replace = shlex.split(found[0]), [], dict(replace or {})
+    tokens, out, replace, used = shlex.split(found[0]), [], dict(replace or {}), set()
     i = 1
-    while i < len(tokens):
+    while i < len(tokens):  # a token that appears twice (a path given to two flags) is replaced each time
         tok = tokens[i]
         takes_value = tok.startswith("--") and i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
         if tok in drop:
             i += 2 if takes_value else 1
             continue
+        if tok in replace:
+            used.add(tok)
         if tok in replace and takes_value:
-            out += [tok, str(replace.pop(tok))]
+            out += [tok, str(replace[tok])]
             i += 2
             continue
-        out.append(str(replace.pop(tok)) if tok in replace else tok)
+        out.append(str(replace[tok]) if tok in replace else tok)
         i += 1
-    assert not replace, f"declared substitutions not in the README command: {sorted(replace)}"
+    unused = sorted(set(replace) - used)
+    assert not unused, f"declared substitutions not in the README command: {unused}"
     return out

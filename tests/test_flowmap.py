@@ -348,6 +348,7 @@ def test_readme_fast_sampling_commands(tmp_path):
     assert main([*argv, *small]) == 0
     den = Denoiser.from_pretrained(fast)
     assert den.model.cfg.flow_map and den.solver == "jump"
+    assert json.loads((fast / "final" / "config.json").read_text())["train"]["distill_from"] == str(plain)
     cond = torch.randn(2, 16, 16)
     one = den.generate(cond, num_steps=1, seed=0)
     assert one.shape == (2, 16, 8) and not torch.equal(one, den.generate(cond, num_steps=2, seed=0))
