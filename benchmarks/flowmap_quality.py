@@ -9,9 +9,9 @@ commands); this script scores them on the same held-out samples, with the same s
 Per row: Frechet distance, k-NN precision and recall of single samples (in the PCA basis fitted on
 the training split), forward retrieval top-1 of single samples among all evaluation samples, the
 single-sample cosine, and the point estimate (one call at t = 0, the same for every row of a model).
-Ridge's numbers are printed beside. --step_time adds the training cost: median seconds per
+Ridge's numbers are printed beside. --step_time adds the training cost: mean seconds per
 optimizer step of each run's own settings (forward, flow-map targets, backward, AdamW), measured
-here on a fixed batch, and the model calls per training step.
+here over 20 batches drawn as in training, and the expected model calls per sample and step.
 """
 
 from __future__ import annotations
@@ -63,9 +63,12 @@ def point(den, batch, seed=0):
     return float((p * batch["target"]).sum(-1).mean()), top1
 
 
-def step_time(run_dir, repeats=12):
-    """Median seconds per optimizer step with the run's own options, on one fixed batch (after 3 warm-up steps)."""
+def step_time(run_dir, repeats=20):
+    """Mean seconds per optimizer step with the run's own options, over ``repeats`` different batches drawn as the
+    training loader draws them (after 3 warm-up steps): the share of jump samples varies from batch to batch as
+    in training, so the mean is the cost of a training step. Also the expected model calls per sample and step."""
     from blip3o_denoise.data.noise import NoiseCollate
+    from blip3o_denoise.flowmap import dyadic_steps
     from blip3o_denoise.train import TrainConfig, build, forward_backward, optimizer_step
 
     saved = json.loads(open(f"{run_dir}/final/config.json").read())["train"]
@@ -76,19 +79,24 @@ def step_time(run_dir, repeats=12):
     run = build(cfg)
     collate = NoiseCollate(cfg.flow_config(), cfg.seed, cfg.cond_dropout, flow_map_share=cfg.flow_map_share,
                            flow_map_min_step=cfg.flow_map_min_step)  # as the training loader draws them
-    batch = collate([run.train_set[i] for i in range(cfg.batch_size)])
+    n, b = len(run.train_set), cfg.batch_size
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
     times = []
     for i in range(repeats + 3):
+        batch = collate([run.train_set[(i * b + k) % n] for k in range(b)])
         t0 = time.perf_counter()
         forward_backward(run, run.model, [batch], i, autocast)
         optimizer_step(run)
         if i >= 3:
             times.append(time.perf_counter() - t0)
-    # a forward-backward per sample, plus per jump sample two no-grad calls (self-consistency) or the teacher's
-    # 2 * --distill_steps (distillation)
-    calls = 1 + cfg.flow_map_share * (2 * cfg.distill_steps if cfg.distill_from else 2)
-    return statistics.median(times), calls
+    # a forward-backward per sample; per jump sample two no-grad calls (self-consistency) or the teacher's
+    # 2 * --distill_steps (distillation), and with --flow_map_start jumps the k = t / 2d jumps that reach its
+    # start time (k uniform on 0 .. 1/2d - 1, for each jump size)
+    per_jump = 2 * cfg.distill_steps if cfg.distill_from else 2
+    if cfg.flow_map_share > 0 and cfg.flow_map_start == "jumps":
+        sizes = dyadic_steps(cfg.flow_map_min_step)
+        per_jump += sum((round(1 / s) - 1) / 2 for s in sizes) / len(sizes)
+    return statistics.mean(times), 1 + cfg.flow_map_share * per_jump
 
 
 def main():

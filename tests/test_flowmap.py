@@ -8,7 +8,9 @@ import torch
 from blip3o_denoise import sphere as S
 from blip3o_denoise.config import TrainConfig
 from blip3o_denoise.flow import FlowConfig, PathSample, flow_loss
-from blip3o_denoise.flowmap import consistency_target, draw_consistency, dyadic_steps, jump, teacher_target
+from blip3o_denoise.flowmap import (
+    consistency_target, draw_consistency, dyadic_steps, jump, sampler_states, teacher_target,
+)
 from blip3o_denoise.model import UniversalDiT, config_from_preset
 from blip3o_denoise.sampling import integrate, model_calls
 from blip3o_denoise.train import Teacher, flow_map_targets
@@ -246,6 +248,25 @@ def test_teacher_targets_follow_the_teachers_ode():
         teacher_target(rotation_velocity, x, t, two_d, 0)
 
 
+def test_sampler_states_are_where_the_jump_sampler_stands():
+    """With an exact flow map, k jumps of 2d from the noise stand at the exact flow at t = k 2d; each sample is
+    moved with its own rows (here each has its own rotation speed) and only as many times as its k."""
+    x0 = points(8, seed=5)
+    t = torch.tensor([0.0, 0.5, 0.75, 0.875, 0.25, 0.5, 0.0, 0.125], dtype=torch.float64)
+    two_d = torch.tensor([1.0, 0.5, 0.25, 0.125, 0.25, 0.25, 0.5, 0.125], dtype=torch.float64)
+    speed = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)
+    calls = []
+
+    def field(x, tt, d, rows):
+        calls.append(len(rows))
+        db = d[:, None, None]
+        return S.log_map(x, rotate(x, speed[rows, None] * db.squeeze(-1))) / db
+
+    states = sampler_states(field, x0, t, two_d)
+    assert torch.allclose(states, rotate(x0, (speed * t)[:, None]), atol=1e-9)
+    assert sum(calls) == int(torch.round(t / two_d).sum()) == 15 and max(calls) == 6  # no call for k = 0
+
+
 def test_distilling_an_exact_teacher_beats_self_consistency_on_a_toy():
     """Same toy, same budget: jump targets from the teacher's ODE (here the exact field) against two chained
     jumps of the model itself. Distillation must beat the velocity read as jumps, and self-consistency at 2 and
@@ -312,7 +333,25 @@ def test_distill_from_a_trained_run(tmp_path, capsys):
         ref = teacher_target(lambda x, t: prediction_to_velocity(teacher(x, t, cond), x, t, "velocity"),
                              path.x_t[jumps], path.t[jumps], batch["step"][jumps], 2)
     assert torch.allclose(new.u_t[jumps], ref, atol=1e-5)
-    assert torch.equal(new.u_t[~jumps], path.u_t[~jumps])
+    assert torch.equal(new.u_t[~jumps], path.u_t[~jumps]) and torch.equal(new.x_t, path.x_t)
+
+    # --flow_map_start jumps: the jump samples start where the model's own jumps from their noise stand
+    cfg.flow_map_start = "jumps"
+    new, _ = flow_map_targets(run.model, path, batch["condition"], None, batch["step"], cfg, nullcontext(), run.teacher)
+    two_d = batch["step"][jumps]
+
+    def own(x, t, d, rows):
+        with torch.no_grad():
+            return prediction_to_velocity(run.model(x, t, cond[rows], step_size=d), x, t, "velocity")
+
+    start = sampler_states(own, path.x0[jumps], path.t[jumps], two_d)
+    assert torch.allclose(new.x_t[jumps], start, atol=1e-5) and torch.equal(new.x_t[~jumps], path.x_t[~jumps])
+    moved = path.t[jumps] > 0
+    assert bool(moved.any()) and not torch.allclose(start[moved], path.x_t[jumps][moved], atol=1e-3)
+    with torch.no_grad():
+        ref = teacher_target(lambda x, t: prediction_to_velocity(teacher(x, t, cond), x, t, "velocity"),
+                             start, path.t[jumps], two_d, 2)
+    assert torch.allclose(new.u_t[jumps], ref, atol=1e-5)
 
     assert main(["train", "--output_dir", str(tmp_path / "bad"), "--distill_from", str(misfit), *distill]) == 2
     err = capsys.readouterr().err
@@ -437,6 +476,7 @@ FULL = {"min_noise_level": 0.0, "max_noise_level": 1.0}  # the noise range a flo
     ({"flow_map_share": 0.25, "min_noise_level": 0.0, "max_noise_level": 0.9}, "got 0.0 and 0.9"),
     ({"distill_from": "runs/plain"}, "--distill_from"),
     ({"flow_map_share": 0.25, "distill_steps": 0, **FULL}, "--distill_steps"),
+    ({"flow_map_start": "data"}, "--flow_map_start"),
 ])
 def test_flow_map_options_are_checked(opts, needle):
     with pytest.raises(ValueError, match=needle):

@@ -102,6 +102,9 @@ class TrainConfig:
                                               "1/2, ..., 1/128)")
     distill_from: str = opt("", "flow maps: take each jump's target from this trained run's ODE (distillation from "
                                  "a velocity model, the teacher) instead of two chained jumps of the model itself")
+    flow_map_start: str = opt("path", "where a flow-map jump trains from: path (the noise-data path at its start "
+                                      "time) or jumps (where the model's own jumps from the sample's noise stand at "
+                                      "that time: the states the jump sampler meets, no gradient)")
     distill_steps: int = opt(4, "teacher midpoint steps per distilled jump (2 teacher calls each, whatever the jump's "
                                 "size)")
     init_from: str = opt("", "start from the weights of this run or checkpoint (fine-tuning, e.g. a velocity model "
@@ -170,6 +173,8 @@ class TrainConfig:
         if self.distill_from and self.flow_map_share == 0:
             raise ValueError("--distill_from trains flow-map jumps: it needs --flow_map_share > 0 (the share of "
                              "each batch distilled)")
+        if self.flow_map_start not in ("path", "jumps"):
+            raise ValueError(f"--flow_map_start: expected path or jumps, got {self.flow_map_start!r}")
         if self.distill_steps < 1:
             raise ValueError(f"--distill_steps: expected >= 1, got {self.distill_steps}")
         if self.solver == "jump" and self.flow_map_share == 0:

@@ -122,6 +122,22 @@ def teacher_target(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     return sphere.log_map(x_t, x) / sphere.broadcast_time(two_d, x_t)
 
 
+@torch.no_grad()
+def sampler_states(field: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                   x0: torch.Tensor, t: torch.Tensor, two_d: torch.Tensor) -> torch.Tensor:
+    """Where the jump sampler stands at time ``t`` ``[B, N, D]``: from the noise ``x0`` at ``t = 0``, ``t / 2d``
+    jumps of ``2d`` of the model itself (no gradient), as ``1 / 2d`` calls of ``--solver jump`` pass through
+    ``t``. ``field(x, t, d, rows)`` is the model's jump direction for the samples ``rows`` of the batch; ``t``
+    must lie on its jump's grid (``flowmap.draw_consistency``)."""
+    k = torch.round(t / two_d).long()
+    x = x0.clone()
+    for i in range(int(k.max()) if len(k) else 0):
+        rows = torch.nonzero(k > i).flatten()
+        xs, d = x[rows], two_d[rows]
+        x[rows] = jump(xs, field(xs, i * d, d, rows), d).to(x.dtype)
+    return x
+
+
 def consistency_error(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample squared tangent error ``[B]``: summed over D, averaged over tokens."""
     return ((w.float() - target.float()) ** 2).sum(-1).mean(-1)

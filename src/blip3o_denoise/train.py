@@ -34,7 +34,7 @@ from .distributed import (
 )
 from .evaluate import Baselines, EvalConfig, evaluate, evaluation_cost, fit_baselines, format_results
 from .flow import PathSample, flow_loss, path_from, prediction_to_velocity
-from .flowmap import consistency_target, teacher_target
+from .flowmap import consistency_target, sampler_states, teacher_target
 from .lock import acquire, command_line, release
 from .model import UniversalDiT, config_from_preset
 from .phases import earlier_trained_keys, phase_of
@@ -644,14 +644,26 @@ def flow_map_targets(model, path: PathSample, cond, drop, two_d: torch.Tensor, c
             raw = model(x, t, c, drop_mask=dm, step_size=d)
         return prediction_to_velocity(raw, x, t, cfg.prediction_type, path=cfg.path)
 
+    def rows_field(x, t, d, rows):  # the same, for some of the jump samples
+        with autocast:
+            raw = model(x, t, c[rows] if c is not None else None, drop_mask=dm[rows] if dm is not None else None,
+                        step_size=d)
+        return prediction_to_velocity(raw, x, t, cfg.prediction_type, path=cfg.path)
+
+    x_t, t = path.x_t[idx_d], path.t[idx_d]
+    if cfg.flow_map_start == "jumps":  # start where the sampler's own jumps stand, not on the data's path
+        x_t = sampler_states(rows_field, path.x0[idx_d], t, two_d[idx_d]).to(path.x_t.dtype)
     if teacher is not None:
-        x_t = path.x_t[idx_d]
-        w = teacher_target(teacher.velocity(c, dm, autocast, x_t.shape[0], x_t.shape[1]), x_t, path.t[idx_d],
-                           two_d[idx_d], cfg.distill_steps)
+        w = teacher_target(teacher.velocity(c, dm, autocast, x_t.shape[0], x_t.shape[1]), x_t, t, two_d[idx_d],
+                           cfg.distill_steps)
     else:
-        w = consistency_target(field, path.x_t[idx_d], path.t[idx_d], two_d[idx_d], cfg.flow_map_min_step)
+        w = consistency_target(field, x_t, t, two_d[idx_d], cfg.flow_map_min_step)
     u = path.u_t.clone()
     u[idx_d] = w.to(u.dtype)
+    if cfg.flow_map_start == "jumps":
+        xs = path.x_t.clone()
+        xs[idx_d] = x_t
+        return replace(path, x_t=xs, u_t=u), two_d
     return replace(path, u_t=u), two_d
 
 
