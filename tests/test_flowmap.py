@@ -380,10 +380,11 @@ def test_readme_fast_sampling_commands(tmp_path):
     data = tmp_path / "d"
     make_synthetic(data, SyntheticSpec(num_samples=30, eva_dim=16, clip_dim=8, tokens=16))
     small = ["--batch_size", "8", "--warmup_steps", "1", "--eval_every_n_steps", "0", "--save_every_n_steps", "0",
-             "--num_inference_steps", "2", "--holdout_fraction", "0.2", "--eval_samples", "4", "--no_progress"]
+             "--holdout_fraction", "0.2", "--eval_samples", "4", "--no_progress"]
     plain, fast = tmp_path / "checkpoints_clip", tmp_path / "fast_clip"
     assert main(["train", "--chunked_embeddings_dir", str(data), "--output_dir", str(plain), "--model_size", "micro",
-                 "--max_steps", "2", "--min_noise_level", "0.0", "--max_noise_level", "1.0", *small]) == 0
+                 "--max_steps", "2", "--min_noise_level", "0.0", "--max_noise_level", "1.0",
+                 "--num_inference_steps", "2", *small]) == 0
     argv = readme_command("blip3o-denoise train --chunked_embeddings_dir /data/store --output_dir ./fast_clip",
                           {"/data/store": data, "./fast_clip": fast, "--model_size": "micro", "--max_steps": 2,
                            "./checkpoints_clip": plain})
@@ -391,6 +392,7 @@ def test_readme_fast_sampling_commands(tmp_path):
     den = Denoiser.from_pretrained(fast)
     assert den.model.cfg.flow_map and den.solver == "jump"
     assert json.loads((fast / "final" / "config.json").read_text())["train"]["distill_from"] == str(plain)
+    assert den.num_steps == 2  # the command's --num_inference_steps: the saved model's default
     cond = torch.randn(2, 16, 16)
     one = den.generate(cond, num_steps=1, seed=0)
     assert one.shape == (2, 16, 8) and not torch.equal(one, den.generate(cond, num_steps=2, seed=0))
