@@ -86,8 +86,8 @@ COVERED_ELSEWHERE = {
     "blip3o-denoise train --chunked_embeddings_dir /data/store --output_dir ./fast_clip --model_size base "
     "--min_noise_level 0.0 --max_noise_level 1.0 --precision bf16 --init_from ./checkpoints_clip --distill_from "
     "./checkpoints_clip --flow_map_share 0.25 --distill_steps 2 --flow_map_start jumps --flow_map_min_step 0.25 "
-    "--learning_rate 3e-4 "
-    "--max_steps 2000 --num_inference_steps 2": "tests/test_flowmap.py::test_readme_fast_sampling_commands",  # needs a run of its own widths
+    "--learning_rate 3e-4 --max_steps 2000 --num_inference_steps 2":
+        "tests/test_flowmap.py::test_readme_fast_sampling_commands",  # needs a run of its own widths
     "blip3o-denoise evaluate --checkpoint ./fast_clip --chunked_embeddings_dir /data/store --num_inference_steps 2 "
     "--output fast.json": "tests/test_flowmap.py::test_readme_fast_sampling_commands",  # needs the flow map above
     "python benchmarks/flowmap_quality.py --eval_dir /tmp/rd/eval --train_dir /tmp/rd/train --ordinary runs/ordinary "
