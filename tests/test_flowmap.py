@@ -485,3 +485,48 @@ def test_flow_map_options_are_checked(opts, needle):
         TrainConfig(chunked_embeddings_dir="x", **opts)
     assert TrainConfig(chunked_embeddings_dir="x", flow_map_share=0.25, **FULL).solver == "jump"  # auto
     assert TrainConfig(chunked_embeddings_dir="x").solver == "euler"
+
+
+def test_a_distilled_run_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    """The teacher is rebuilt from the run's config on --resume; the jump draws, the start states (from the
+    model's own jumps) and the teacher's targets then repeat exactly: the same final weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    import blip3o_denoise.report as R
+    from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
+    from blip3o_denoise.train import train
+
+    data = tmp_path / "d"
+    make_synthetic(data, SyntheticSpec(num_samples=40, eva_dim=16, clip_dim=8, tokens=16))
+
+    def cfg(out, **kw):
+        return TrainConfig(chunked_embeddings_dir=str(data), output_dir=str(out), model_size="micro", hidden_size=32,
+                           depth=1, batch_size=8, max_steps=4, warmup_steps=1, eval_every_n_steps=0,
+                           save_every_n_steps=2, num_inference_steps=2, holdout_fraction=0.2, eval_samples=4,
+                           progress=False, log_every_n_steps=1, min_noise_level=0.0, max_noise_level=1.0, **kw)
+
+    teacher = tmp_path / "teacher"
+    train(cfg(teacher))
+    distill = dict(flow_map_share=0.5, distill_from=str(teacher), init_from=str(teacher), distill_steps=1,
+                   flow_map_start="jumps", flow_map_min_step=0.25)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(cfg(whole, **distill))
+    real_log = R.Reporter.log
+
+    class Killed(Exception):
+        pass
+
+    def log_then_die(self, record):
+        real_log(self, record)
+        if record.get("step") == 3 and "loss" in record:
+            raise Killed()
+
+    monkeypatch.setattr(R.Reporter, "log", log_then_die)
+    with pytest.raises(Killed):
+        train(cfg(cut, **distill))
+    monkeypatch.setattr(R.Reporter, "log", real_log)
+    train(cfg(cut, resume=True, **distill))
+    a, b = load_file(str(whole / "final" / "model.safetensors")), load_file(str(cut / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    t = load_file(str(teacher / "final" / "model.safetensors"))
+    assert any(not torch.equal(a[k], t[k]) for k in t)  # and it did train away from the teacher
