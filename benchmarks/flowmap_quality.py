@@ -25,7 +25,7 @@ from contextlib import nullcontext
 import torch
 
 
-def score(den, batch, baselines, solver, steps, seed=0, batch_rows=32):
+def score(den, batch, baselines, solver, steps, seed=0, batch_rows=32, guidance=1.0):
     from blip3o_denoise.distribution import distribution_metrics
     from blip3o_denoise.evaluate import mean_of_k_cosine
     from blip3o_denoise.retrieval import evaluate_retrieval
@@ -40,12 +40,14 @@ def score(den, batch, baselines, solver, steps, seed=0, batch_rows=32):
     for i in range(0, len(cond), batch_rows):
         with autocast:
             parts.append(generate(den.model, cond[i:i + batch_rows], den.prediction_type, steps, solver,
-                                  generator=gen, min_noise_level=den.min_noise_level, path=den.path).float())
+                                  guidance=guidance, generator=gen, min_noise_level=den.min_noise_level,
+                                  path=den.path).float())
     x = torch.cat(parts)
     seconds = time.time() - t0
     d = distribution_metrics(x, target, baselines.pca, seed=seed)
     r = evaluate_retrieval({"x": x}, target, seed=seed)["predictors"]["x"]
-    return {"solver": solver, "steps": steps, "fd": d["frechet_distance"], "precision": d["precision"],
+    return {"solver": solver, "steps": steps, "guidance": guidance, "fd": d["frechet_distance"],
+            "precision": d["precision"],
             "recall": d["recall"], "top1": r["forward"]["top1"]["mean"], "top1_backward": r["backward"]["top1"]["mean"],
             "single": mean_of_k_cosine(x[None], target, 1), "seconds": round(seconds, 1)}
 
@@ -107,6 +109,8 @@ def main():
     ap.add_argument("--flow_map", action="append", default=[], help="a flow-map run (repeatable)")
     ap.add_argument("--calls", default="1,2,4,8")
     ap.add_argument("--ordinary_steps", default="10,50")
+    ap.add_argument("--ordinary_guidance", default="1", help="guidance scales of the ordinary rows (e.g. 1,2; each "
+                    "costs two calls per step; the ordinary run must be trained with --cond_dropout > 0)")
     ap.add_argument("--num_samples", type=int, default=0, help="evaluation samples (0 = all)")
     ap.add_argument("--step_time", action="store_true")
     ap.add_argument("--output", default="")
@@ -127,25 +131,26 @@ def main():
     rd = distribution_metrics(ridge, batch["target"], baselines.pca)
     rr = evaluate_retrieval({"r": ridge}, batch["target"])["predictors"]["r"]["forward"]["top1"]["mean"]
     rows = []
-    runs = [(ns.ordinary, "euler", [int(s) for s in ns.ordinary_steps.split(",")])]
-    runs += [(r, "jump", [int(c) for c in ns.calls.split(",")]) for r in ns.flow_map]
+    scales = [float(g) for g in ns.ordinary_guidance.split(",")]
+    runs = [(ns.ordinary, "euler", [(int(s), g) for g in scales for s in ns.ordinary_steps.split(",")])]
+    runs += [(r, "jump", [(int(c), 1.0) for c in ns.calls.split(",")]) for r in ns.flow_map]
     for run, solver, counts in runs:
         den = Denoiser.from_pretrained(run)
         pe, pe_top1 = point(den, batch)
         cost = step_time(run) if ns.step_time else (None, None)
-        for c in counts:
-            row = {"run": run, **score(den, batch, baselines, solver, c), "point": pe, "point_top1": pe_top1,
-                   "step_seconds": cost[0], "calls_per_train_step": cost[1]}
+        for c, g in counts:
+            row = {"run": run, **score(den, batch, baselines, solver, c, guidance=g), "point": pe,
+                   "point_top1": pe_top1, "step_seconds": cost[0], "calls_per_train_step": cost[1]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{n} evaluation samples; ridge: FD {rd['frechet_distance']:.4f} precision {rd['precision']:.3f} "
           f"recall {rd['recall']:.3f} top-1 {rr:.3f} cosine "
           f"{float((ridge * batch['target']).sum(-1).mean()):.4f}")
-    print(f"{'run':<28}{'solver':>7}{'calls':>6}{'FD':>8}{'prec.':>7}{'recall':>7}{'top-1':>7}{'single':>8}"
+    print(f"{'run':<28}{'solver':>7}{'steps':>6}{'guid.':>6}{'FD':>8}{'prec.':>7}{'recall':>7}{'top-1':>7}{'single':>8}"
           f"{'point':>8}{'step s':>8}")
     for r in rows:
         step = "" if r["step_seconds"] is None else f"{r['step_seconds']:.3f}"
-        print(f"{r['run'][-28:]:<28}{r['solver']:>7}{r['steps']:>6}{r['fd']:>8.4f}{r['precision']:>7.3f}"
+        print(f"{r['run'][-28:]:<28}{r['solver']:>7}{r['steps']:>6}{r['guidance']:>6g}{r['fd']:>8.4f}{r['precision']:>7.3f}"
               f"{r['recall']:>7.3f}{r['top1']:>7.3f}{r['single']:>8.4f}{r['point']:>8.4f}{step:>8}")
     if ns.output:
         with open(ns.output, "w") as f:

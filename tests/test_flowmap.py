@@ -530,3 +530,50 @@ def test_a_distilled_run_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     t = load_file(str(teacher / "final" / "model.safetensors"))
     assert any(not torch.equal(a[k], t[k]) for k in t)  # and it did train away from the teacher
+
+
+def test_distilled_guidance_bakes_the_teachers_guided_ode_into_the_jumps(tmp_path, capsys):
+    """--distill_guidance g: the jump targets follow the teacher's guided velocity v_u + g (v_c - v_u) (what
+    sampling with --guidance g integrates, at two calls per step), so the student samples it at one call per jump.
+    A teacher trained without condition dropout has no v_u: refused at start, naming the flag."""
+    from blip3o_denoise.cli import main
+    from blip3o_denoise.data.noise import NoiseCollate
+    from blip3o_denoise.data.synthetic import SyntheticSpec, make_synthetic
+    from blip3o_denoise.flow import path_from
+    from blip3o_denoise.pipeline import Denoiser
+    from blip3o_denoise.sampling import model_velocity_fn
+    from blip3o_denoise.train import build
+
+    data = tmp_path / "d"
+    make_synthetic(data, SyntheticSpec(num_samples=30, eva_dim=16, clip_dim=8, tokens=16))
+    small = ["--chunked_embeddings_dir", str(data), "--model_size", "micro", "--batch_size", "8", "--max_steps", "3",
+             "--warmup_steps", "1", "--eval_every_n_steps", "0", "--save_every_n_steps", "0", "--eval_samples", "4",
+             "--min_noise_level", "0.0", "--max_noise_level", "1.0", "--holdout_fraction", "0.2", "--no_progress"]
+    guided, plain = tmp_path / "guided", tmp_path / "plain"
+    assert main(["train", "--output_dir", str(guided), "--cond_dropout", "0.3", "--learning_rate", "0.01",
+                 *small]) == 0
+    assert main(["train", "--output_dir", str(plain), *small]) == 0
+
+    cfg = TrainConfig(chunked_embeddings_dir=str(data), output_dir=str(tmp_path / "x"), model_size="micro",
+                      min_noise_level=0.0, max_noise_level=1.0, flow_map_share=0.5, distill_steps=1,
+                      distill_from=str(guided), distill_guidance=2.0, holdout_fraction=0.2, batch_size=8)
+    run = build(cfg)
+    batch = NoiseCollate(cfg.flow_config(), cfg.seed, flow_map_share=0.5,
+                         flow_map_min_step=cfg.flow_map_min_step)([run.train_set[i] for i in range(8)])
+    jumps = batch["step"] > 0
+    path = path_from(batch["target"], batch["noise"], batch["noise_level"], cfg.flow_config())
+    new, _ = flow_map_targets(run.model, path, batch["condition"], None, batch["step"], cfg, nullcontext(), run.teacher)
+    teacher = Denoiser.from_pretrained(guided).model
+    targets = {}
+    for g in (2.0, 1.0):
+        fn = model_velocity_fn(teacher, batch["condition"][jumps], "velocity", guidance=g)
+        with torch.no_grad():
+            targets[g] = teacher_target(lambda x, t: fn(x, t), path.x_t[jumps], path.t[jumps], batch["step"][jumps], 1)
+    assert torch.allclose(new.u_t[jumps], targets[2.0], atol=1e-5)
+    assert not torch.allclose(targets[2.0], targets[1.0], atol=1e-3)  # guidance changes the targets
+
+    with pytest.raises(ValueError, match="--distill_from"):
+        TrainConfig(chunked_embeddings_dir="x", distill_guidance=2.0, flow_map_share=0.25, **FULL)
+    assert main(["train", "--output_dir", str(tmp_path / "bad"), "--flow_map_share", "0.5", "--distill_from",
+                 str(plain), "--distill_guidance", "2", *small]) == 2
+    assert "--distill_guidance 2 needs a teacher trained with --cond_dropout > 0" in capsys.readouterr().err

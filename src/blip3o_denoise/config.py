@@ -107,6 +107,9 @@ class TrainConfig:
                                       "that time: the states the jump sampler meets, no gradient)")
     distill_steps: int = opt(4, "teacher midpoint steps per distilled jump (2 teacher calls each, whatever the jump's "
                                 "size)")
+    distill_guidance: float = opt(1.0, "classifier-free guidance scale of the teacher's ODE, baked into the distilled "
+                                       "jumps (1 = none; needs a teacher trained with --cond_dropout > 0; sample the "
+                                       "result with guidance 1: no second call per step)")
     init_from: str = opt("", "start from the weights of this run or checkpoint (fine-tuning, e.g. a velocity model "
                              "into a flow map); the optimizer starts fresh")
     progress: bool = opt(True, "show a progress bar (--no_progress hides it)")
@@ -175,6 +178,10 @@ class TrainConfig:
                              "each batch distilled)")
         if self.flow_map_start not in ("path", "jumps"):
             raise ValueError(f"--flow_map_start: expected path or jumps, got {self.flow_map_start!r}")
+        if not (math.isfinite(self.distill_guidance) and self.distill_guidance >= 0):
+            raise ValueError(f"--distill_guidance: expected a finite scale >= 0, got {self.distill_guidance}")
+        if self.distill_guidance != 1.0 and not self.distill_from:
+            raise ValueError("--distill_guidance is the teacher's guidance: it needs --distill_from")
         if self.distill_steps < 1:
             raise ValueError(f"--distill_steps: expected >= 1, got {self.distill_steps}")
         if self.solver == "jump" and self.flow_map_share == 0:

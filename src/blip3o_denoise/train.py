@@ -133,16 +133,29 @@ class Teacher:
     model: torch.nn.Module
     prediction_type: str
     time_eps: float
+    guidance: float = 1.0  # --distill_guidance: the velocity is v_u + g (v_c - v_u)
 
     def velocity(self, cond, drop, autocast, batch_size: int, num_tokens: int):
-        """The teacher's velocity field for these samples; their condition is projected once, not per call."""
+        """The teacher's velocity field for these samples; their condition is projected once, not per call.
+        With guidance, two calls per velocity (conditional and null condition), combined as the sampler does;
+        a sample whose condition is dropped gets the null velocity (both calls agree)."""
         with torch.no_grad(), autocast:
             cache = self.model.prepare_condition(cond, batch_size, num_tokens, drop)
+            null = None
+            if self.guidance != 1.0:
+                null = self.model.prepare_condition(None, batch_size, cond.shape[1] if cond is not None else num_tokens)
+
+        def one(x, t, c):
+            with autocast:
+                raw = self.model(x, t, cache=c)
+            return prediction_to_velocity(raw, x, t, self.prediction_type, self.time_eps, path="sphere")
 
         def field(x, t):
-            with autocast:
-                raw = self.model(x, t, cache=cache)
-            return prediction_to_velocity(raw, x, t, self.prediction_type, self.time_eps, path="sphere")
+            v = one(x, t, cache)
+            if null is None:
+                return v
+            vu = one(x, t, null)
+            return vu + self.guidance * (v - vu)
 
         return field
 
@@ -162,12 +175,15 @@ def load_teacher(cfg: TrainConfig, data_cfg: dict, device: torch.device) -> Teac
     if (flow.get("min_noise_level", 0.0), flow["max_noise_level"]) != (0.0, 1.0):
         wrong.append(f"noise levels {flow.get('min_noise_level', 0.0)}-{flow['max_noise_level']} (its ODE is solved "
                      "from t = 0 to t = 1: it must be trained with --min_noise_level 0.0 --max_noise_level 1.0)")
+    if cfg.distill_guidance != 1.0 and m.cond_dropout == 0:
+        wrong.append(f"--distill_guidance {cfg.distill_guidance:g} needs a teacher trained with --cond_dropout > 0 "
+                     "(it has no unconditional prediction to guide with)")
     if den.path != "sphere":
         wrong.append(f"path {den.path} (flow maps jump on the sphere)")
     if wrong:
         raise ValueError(f"--distill_from {cfg.distill_from}: the teacher does not fit this run: {'; '.join(wrong)}")
     model = den.model.to(device).eval().requires_grad_(False)
-    return Teacher(model, den.prediction_type, flow.get("time_eps", 1e-2))
+    return Teacher(model, den.prediction_type, flow.get("time_eps", 1e-2), cfg.distill_guidance)
 
 
 @dataclass
