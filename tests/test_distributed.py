@@ -144,3 +144,30 @@ def test_fsdp_with_wide_head_matches_one_process_after_a_resume(tmp_path, two_se
     assert any(k.startswith("head.blocks.0.") for k in wa) and wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("teacher", [True, False], ids=["distilled", "self_consistency"])
+def test_flow_map_training_with_two_processes_matches_one(tmp_path, two_sets, teacher):
+    """Each process has its own jump samples, so its no-gradient target calls differ in number from the other's;
+    through the DDP wrapper (a collective forward) that was a collective mismatch. Same losses and weights as one
+    process at the same global batch, with the start states taken from the model's own jumps."""
+    data, held = two_sets
+    common = ["--chunked_embeddings_dir", str(data), "--model_size", "micro", "--max_steps", "6", "--warmup_steps", "2",
+              "--holdout_fraction", "0", "--eval_dir", str(held), "--eval_samples", "4", "--num_inference_steps", "2",
+              "--no_progress", "--log_every_n_steps", "1", "--device", "cpu", "--min_noise_level", "0.0",
+              "--max_noise_level", "1.0"]
+    fm = ["--flow_map_share", "0.5", "--flow_map_start", "jumps", "--flow_map_min_step", "0.25"]
+    if teacher:
+        run(common + ["--output_dir", str(tmp_path / "teacher"), "--batch_size", "4"])
+        fm += ["--distill_from", str(tmp_path / "teacher")]
+    run(common + fm + ["--output_dir", str(tmp_path / "one"), "--batch_size", "4", "--gradient_accumulation_steps",
+                       "2"])
+    run(common + fm + ["--output_dir", str(tmp_path / "two"), "--batch_size", "2", "--gradient_accumulation_steps",
+                       "2"], nproc=2)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
+    wa = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

@@ -499,6 +499,7 @@ FULL = {"min_noise_level": 0.0, "max_noise_level": 1.0}  # the noise range a flo
     ({"distill_from": "runs/plain"}, "--distill_from"),
     ({"flow_map_share": 0.25, "distill_steps": 0, **FULL}, "--distill_steps"),
     ({"flow_map_start": "data"}, "--flow_map_start"),
+    ({"flow_map_share": 0.25, "fsdp": True, **FULL}, "--fsdp with --flow_map_share"),
     ({"distill_guidance": -1.0, "distill_from": "r", "flow_map_share": 0.25, **FULL}, "--distill_guidance"),
     ({"distill_guidance": float("nan"), "distill_from": "r", "flow_map_share": 0.25, **FULL}, "--distill_guidance"),
 ])

@@ -173,6 +173,10 @@ class TrainConfig:
             raise ValueError(f"--flow_map_share: flow-map jumps run from pure noise (t = 0) to clean tokens (t = 1) on "
                              f"a grid of both: they need --min_noise_level 0.0 --max_noise_level 1.0, got "
                              f"{self.min_noise_level} and {self.max_noise_level}")
+        if self.flow_map_share > 0 and self.fsdp:
+            raise ValueError("--fsdp with --flow_map_share: not supported; the no-gradient calls that build the jump "
+                             "targets differ in number between processes and every FSDP forward is collective. Use "
+                             "DDP (torchrun without --fsdp)")
         if self.distill_from and self.flow_map_share == 0:
             raise ValueError("--distill_from trains flow-map jumps: it needs --flow_map_share > 0 (the share of "
                              "each batch distilled)")

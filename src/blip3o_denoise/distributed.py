@@ -85,7 +85,8 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def unwrap(model):
-    """The plain module under DDP and torch.compile wrappers."""
+    """The plain module under DDP and torch.compile wrappers (in either order)."""
+    model = getattr(model, "_orig_mod", model)
     model = model.module if isinstance(model, DDP) else model
     return getattr(model, "_orig_mod", model)
 

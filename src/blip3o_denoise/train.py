@@ -654,6 +654,9 @@ def flow_map_targets(model, path: PathSample, cond, drop, two_d: torch.Tensor, c
     idx_d = idx.to(path.t.device)
     c = cond[idx_d] if cond is not None else None
     dm = drop[idx_d] if drop is not None else None
+    # The no-gradient calls below differ in number between processes (each has its own jump samples), so they
+    # bypass the DDP wrapper, whose forward is collective (it broadcasts buffers); the weights are the same.
+    model = unwrap(model)
 
     def field(x, t, d):
         with autocast:
