@@ -80,7 +80,8 @@ def step_time(run_dir, repeats=20):
                          "progress": False})
     run = build(cfg)
     collate = NoiseCollate(cfg.flow_config(), cfg.seed, cfg.cond_dropout, flow_map_share=cfg.flow_map_share,
-                           flow_map_min_step=cfg.flow_map_min_step)  # as the training loader draws them
+                           flow_map_min_step=cfg.flow_map_min_step,
+                           guidance_scales=cfg.guidance_scales())  # as the training loader draws them
     n, b = len(run.train_set), cfg.batch_size
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
     times = []
@@ -94,7 +95,8 @@ def step_time(run_dir, repeats=20):
     # a forward-backward per sample; per jump sample two no-grad calls (self-consistency) or the teacher's
     # 2 * --distill_steps (distillation), and with --flow_map_start jumps the k = t / 2d jumps that reach its
     # start time (k uniform on 0 .. 1/2d - 1, for each jump size)
-    per_jump = 2 * cfg.distill_steps if cfg.distill_from else 2
+    guided = cfg.distill_guidance != 1.0 or bool(cfg.distill_guidance_scales)  # the teacher's null-condition calls
+    per_jump = 2 * cfg.distill_steps * (2 if guided else 1) if cfg.distill_from else 2
     if cfg.flow_map_share > 0 and cfg.flow_map_start == "jumps":
         sizes = dyadic_steps(cfg.flow_map_min_step)
         per_jump += sum((round(1 / s) - 1) / 2 for s in sizes) / len(sizes)
@@ -111,6 +113,8 @@ def main():
     ap.add_argument("--ordinary_steps", default="10,50")
     ap.add_argument("--ordinary_guidance", default="1", help="guidance scales of the ordinary rows (e.g. 1,2; each "
                     "costs two calls per step; the ordinary run must be trained with --cond_dropout > 0)")
+    ap.add_argument("--flow_map_guidance", default="1", help="guidance scales of the flow-map rows (a model "
+                    "distilled with --distill_guidance_scales takes the scale as an input: one call per jump)")
     ap.add_argument("--num_samples", type=int, default=0, help="evaluation samples (0 = all)")
     ap.add_argument("--step_time", action="store_true")
     ap.add_argument("--output", default="")
@@ -133,7 +137,8 @@ def main():
     rows = []
     scales = [float(g) for g in ns.ordinary_guidance.split(",")]
     runs = [(ns.ordinary, "euler", [(int(s), g) for g in scales for s in ns.ordinary_steps.split(",")])]
-    runs += [(r, "jump", [(int(c), 1.0) for c in ns.calls.split(",")]) for r in ns.flow_map]
+    fm_scales = [float(g) for g in ns.flow_map_guidance.split(",")]
+    runs += [(r, "jump", [(int(c), g) for g in fm_scales for c in ns.calls.split(",")]) for r in ns.flow_map]
     for run, solver, counts in runs:
         den = Denoiser.from_pretrained(run)
         pe, pe_top1 = point(den, batch)

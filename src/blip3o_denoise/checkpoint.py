@@ -342,8 +342,9 @@ def training_state(optim_sd: dict, scheduler, ema, pos: Position, fsdp: bool, st
 
 
 # Model options that may differ between the run given to --init_from and the new run: they change
-# training, not the weights' layout. flow_map adds the step embedding, which starts at zero.
-INIT_FROM_FREE = {"flow_map", "grad_checkpointing", "cond_dropout"}
+# training, not the weights' layout. flow_map adds the step embedding and guidance_input the guidance
+# embedding, both starting at zero.
+INIT_FROM_FREE = {"flow_map", "grad_checkpointing", "cond_dropout", "guidance_input"}
 
 
 def load_initial_weights(model, path: str | Path) -> Path:
@@ -369,7 +370,7 @@ def load_initial_weights(model, path: str | Path) -> Path:
     if extra:
         raise ValueError(f"--init_from {weights}: tensors this model does not have: {extra[:5]} (a flow map cannot "
                          "start an ordinary model)")
-    missing = sorted(k for k in set(own) - set(state) if not k.startswith("step_embed."))
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith(("step_embed.", "guidance_embed.")))
     if missing:
         raise ValueError(f"--init_from {weights}: tensors missing for this model: {missing[:5]}")
     model.load_state_dict(state, strict=False)

@@ -79,7 +79,7 @@ def check_options(ns) -> None:
 def check_guidance(guidance: float, model_cfg, checkpoint: str) -> None:
     """Guidance other than 1 mixes in an unconditional prediction that a model trained without condition
     dropout never learned: its outputs would be garbage scored as if meaningful."""
-    if guidance != 1.0 and model_cfg.cond_dropout == 0:
+    if guidance != 1.0 and model_cfg.cond_dropout == 0 and not getattr(model_cfg, "guidance_input", False):
         raise ValueError(f"--guidance {guidance:g}: {checkpoint} was trained without condition dropout "
                          "(--cond_dropout 0), so it has no unconditional prediction to guide with; use --guidance 1")
 

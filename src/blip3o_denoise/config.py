@@ -110,6 +110,10 @@ class TrainConfig:
     distill_guidance: float = opt(1.0, "classifier-free guidance scale of the teacher's ODE, baked into the distilled "
                                        "jumps (1 = none; needs a teacher trained with --cond_dropout > 0; sample the "
                                        "result with guidance 1: no second call per step)")
+    distill_guidance_scales: str = opt("", "guidance scales to distil at once, e.g. 1,1.5,2,3: each jump sample draws "
+                                          "one, the teacher's ODE is guided by it and the model takes it as an input, "
+                                          "so the scale is chosen at sampling time at one call per jump (needs a "
+                                          "teacher trained with --cond_dropout > 0)")
     init_from: str = opt("", "start from the weights of this run or checkpoint (fine-tuning, e.g. a velocity model "
                              "into a flow map); the optimizer starts fresh")
     progress: bool = opt(True, "show a progress bar (--no_progress hides it)")
@@ -186,6 +190,14 @@ class TrainConfig:
             raise ValueError(f"--distill_guidance: expected a finite scale >= 0, got {self.distill_guidance}")
         if self.distill_guidance != 1.0 and not self.distill_from:
             raise ValueError("--distill_guidance is the teacher's guidance: it needs --distill_from")
+        if self.distill_guidance_scales:
+            scales = self.guidance_scales()
+            if not self.distill_from or self.distill_guidance != 1.0:
+                raise ValueError("--distill_guidance_scales: needs --distill_from, and replaces --distill_guidance "
+                                 "(leave it at 1)")
+            if not scales or any(not (math.isfinite(g) and g >= 0) for g in scales):
+                raise ValueError(f"--distill_guidance_scales: expected finite scales >= 0, got "
+                                 f"{self.distill_guidance_scales!r}")
         if self.distill_steps < 1:
             raise ValueError(f"--distill_steps: expected >= 1, got {self.distill_steps}")
         if self.solver == "jump" and self.flow_map_share == 0:
@@ -194,6 +206,14 @@ class TrainConfig:
             raise ValueError(f"--head_width {self.head_width} --head_depth {self.head_depth}: expected both 0 (no head)"
                              f" or both > 0 with --head_width a multiple of {HEAD_DIM}")
         self.flow_config(validate_only=True)  # validates the noise range and weights
+
+    def guidance_scales(self) -> tuple[float, ...]:
+        """``--distill_guidance_scales`` as numbers (empty: none)."""
+        try:
+            return tuple(float(g) for g in self.distill_guidance_scales.split(",") if g.strip())
+        except ValueError:
+            raise ValueError(f"--distill_guidance_scales: expected numbers separated by commas, got "
+                             f"{self.distill_guidance_scales!r}") from None
 
     def flow_config(self, validate_only: bool = False) -> FlowConfig:
         if self.time_shift == AUTO and not validate_only:

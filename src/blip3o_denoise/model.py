@@ -61,6 +61,9 @@ class ModelConfig:
     zero_init_output: bool = True
     # A flow map also takes a step size d >= 0 (see flowmap.py); d = 0 is exactly the velocity model.
     flow_map: bool = False
+    # A flow map distilled over several guidance scales also takes the scale g (g = 1 is exactly the model
+    # without it): guidance at one call per jump, chosen at sampling time (see train.Teacher).
+    guidance_input: bool = False
     # The wide head (off at 0): head_depth blocks at width head_width after the body, fed the body's
     # output and the noisy input itself, so the output layer is head_width -> input_dim instead of
     # hidden_size -> input_dim (see WideHead).
@@ -355,6 +358,10 @@ class UniversalDiT(nn.Module):
             self.step_embed = nn.Sequential(nn.Linear(self.t_freq_dim, h), nn.SiLU(), nn.Linear(h, h))
             nn.init.zeros_(self.step_embed[2].weight)
             nn.init.zeros_(self.step_embed[2].bias)
+        if cfg.guidance_input:  # zero last layer, as the step embedding: a new input changes nothing at first
+            self.guidance_embed = nn.Sequential(nn.Linear(self.t_freq_dim, h), nn.SiLU(), nn.Linear(h, h))
+            nn.init.zeros_(self.guidance_embed[2].weight)
+            nn.init.zeros_(self.guidance_embed[2].bias)
         self.rope = Rope3D(h // cfg.num_heads, cfg.rope_base)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         w = cfg.out_width
@@ -398,12 +405,13 @@ class UniversalDiT(nn.Module):
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
         cache: ConditionCache | None = None, drop_mask: torch.Tensor | None = None,
-        step_size: torch.Tensor | None = None,
+        step_size: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x_t [B, N, D_in]``, ``t [B]``, ``cond [B, M, D_cond]`` -> raw prediction ``[B, N, D_in]`` (float32).
 
         In training mode with ``cond_dropout > 0`` a random share of samples gets the null condition.
         ``step_size [B]`` (flow maps only; None is 0): the jump the output is read for (flowmap.py).
+        ``guidance [B]`` (models with ``guidance_input`` only; None is 1): the guidance scale of the jump.
         """
         b, n, d = x_t.shape
         if d != self.cfg.input_dim:
@@ -422,7 +430,8 @@ class UniversalDiT(nn.Module):
                 )
             x = x + cache.tokens
         c = self.t_embed(timestep_features(t.expand(b) if t.dim() == 0 else t, self.t_freq_dim, self.cfg.time_scale))
-        c = c + cache.pooled + self.step_embedding(step_size, b, c.device)
+        c = c + cache.pooled + self.step_embedding(step_size, b, c.device) + self.guidance_embedding(guidance, b,
+                                                                                                       c.device)
         positions = grid_positions(n, x.device)
         rope = self.rope.angles(positions)
         for i, blk in enumerate(self.blocks):
@@ -436,6 +445,22 @@ class UniversalDiT(nn.Module):
         shift, scale = self.final_ada(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
         out = self.out(_modulate(self.final_norm(x), shift, scale))
         return out.float() / math.sqrt(d)
+
+    def guidance_embedding(self, guidance: torch.Tensor | None, b: int, device) -> torch.Tensor | float:
+        """``e(g) - e(1)`` ``[B, H]``: exactly 0 at ``g = 1``. 0 for a model without the guidance input."""
+        if guidance is None:
+            return 0.0
+        if not self.cfg.guidance_input:
+            if bool((guidance != 1).any()):
+                raise ValueError("this model takes no guidance scale as input (distil one with "
+                                 "--distill_guidance_scales)")
+            return 0.0
+        g = (guidance.expand(b) if guidance.dim() == 0 else guidance).to(device)
+        # features of g / 10: scales 0-10 map to the timestep range [0, 1]
+        feats = timestep_features(torch.cat([g, torch.ones(1, device=device)]) / 10, self.t_freq_dim,
+                                  self.cfg.time_scale)
+        e = self.guidance_embed(feats.to(self.guidance_embed[0].weight.dtype))
+        return e[:-1] - e[-1:]
 
     def step_embedding(self, step_size: torch.Tensor | None, b: int, device) -> torch.Tensor | float:
         """``e(d) - e(0)`` ``[B, H]``: exactly 0 at ``d = 0``, so the instantaneous velocity is the same

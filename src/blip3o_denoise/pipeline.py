@@ -168,9 +168,9 @@ class Denoiser:
                              f"token per condition token ({cond.shape[1]}), got {n}")
         steps = self._steps(num_steps)
         _check_guidance(guidance)
-        if guidance != 1.0 and self.model.cfg.cond_dropout == 0.0:
+        if guidance != 1.0 and self.model.cfg.cond_dropout == 0.0 and not self.model.cfg.guidance_input:
             raise ValueError("guidance != 1 needs a model trained with --cond_dropout > 0 "
-                             "(its null condition is untrained)")
+                             "(its null condition is untrained), or one distilled with --distill_guidance_scales")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         # the noise has the target's shape, drawn here (sampling.generate would take N from the condition)
         noise = torch.randn(cond.shape[0], n, self.model.cfg.input_dim, generator=gen).to(cond.device)
@@ -186,9 +186,9 @@ class Denoiser:
         x = self._tokens(noisy, "noisy", self.model.cfg.input_dim, "input", batch=cond.shape[0])
         steps = self._steps(num_steps)
         _check_guidance(guidance)
-        if guidance != 1.0 and self.model.cfg.cond_dropout == 0.0:
+        if guidance != 1.0 and self.model.cfg.cond_dropout == 0.0 and not self.model.cfg.guidance_input:
             raise ValueError("guidance != 1 needs a model trained with --cond_dropout > 0 "
-                             "(its null condition is untrained)")
+                             "(its null condition is untrained), or one distilled with --distill_guidance_scales")
         return generate(self.model, cond, self.prediction_type, steps, solver or self.solver, guidance=guidance,
                         noise_level=noise_level, x_start=x, min_noise_level=min(self.min_noise_level, noise_level),
                         path=self.path)

@@ -95,12 +95,17 @@ def model_velocity_fn(
     b = cond.shape[0] if cond is not None else None
     cache = model.prepare_condition(cond, b, num_tokens)
     null_cache = None
-    if guidance != 1.0:
+    # a model distilled over guidance scales takes the scale as an input: one call, no null-condition call
+    as_input = {}
+    if guidance != 1.0 and getattr(getattr(model, "cfg", None), "guidance_input", False):
+        as_input = {"guidance": torch.full((b if b is not None else 1,), float(guidance), device=cache.pooled.device)}
+    elif guidance != 1.0:
         n = cond.shape[1] if cond is not None else num_tokens
         null_cache = model.prepare_condition(None, b, n)
 
     def fn(x, t, d=None):
         step = {} if d is None else {"step_size": d}  # only flow maps take a step size
+        step.update(as_input)
         v = prediction_to_velocity(model(x, t, cache=cache, **step), x, t, prediction_type, time_eps, path)
         if null_cache is not None:
             vu = prediction_to_velocity(model(x, t, cache=null_cache, **step), x, t, prediction_type, time_eps, path)

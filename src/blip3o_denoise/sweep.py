@@ -52,7 +52,8 @@ def sweep(model, batch: dict, prediction_type: str, steps_list, guidance_list, k
                                      min_noise_level=min_noise_level, path=path)
                     parts.append(x.float().reshape(k, c.shape[0], *x.shape[1:]))
                 samples = torch.cat(parts, 1)
-                row = {"steps": n, "calls": model_calls(solver, n) * (2 if g != 1.0 else 1), "solver": solver,
+                doubled = g != 1.0 and not getattr(model.cfg, "guidance_input", False)  # else g is an input
+                row = {"steps": n, "calls": model_calls(solver, n) * (2 if doubled else 1), "solver": solver,
                        "guidance": g, "single": mean_of_k_cosine(samples, target, 1),
                        f"mean_of_{k}": mean_of_k_cosine(samples, target, k), "point_estimate": point_cos,
                        "seconds": round(time.time() - t0, 3)}
@@ -121,7 +122,7 @@ def run_sweep(ns) -> dict:
         raise ValueError(f"{ns.checkpoint}: trained up to noise level {den.max_noise_level}; "
                          "a generation sweep needs --max_noise_level 1.0")
     guidance = [float(g) for g in ns.guidance_scales.split(",")]
-    if any(g != 1.0 for g in guidance) and den.model.cfg.cond_dropout == 0:
+    if any(g != 1.0 for g in guidance) and den.model.cfg.cond_dropout == 0 and not den.model.cfg.guidance_input:
         raise ValueError("guidance scales other than 1 need a model trained with --cond_dropout > 0")
     solvers = (ns.solver or den.solver).split(",")
     remote = {"cache_dir": ns.cache_dir, "max_cache_size": ns.max_cache_size, "endpoint_url": ns.endpoint_url}

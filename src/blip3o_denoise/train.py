@@ -135,14 +135,17 @@ class Teacher:
     time_eps: float
     guidance: float = 1.0  # --distill_guidance: the velocity is v_u + g (v_c - v_u)
 
-    def velocity(self, cond, drop, autocast, batch_size: int, num_tokens: int):
+    def velocity(self, cond, drop, autocast, batch_size: int, num_tokens: int, scales: torch.Tensor | None = None):
         """The teacher's velocity field for these samples; their condition is projected once, not per call.
-        With guidance, two calls per velocity (conditional and null condition), combined as the sampler does;
-        a sample whose condition is dropped gets the null velocity (both calls agree)."""
+        With guidance (``--distill_guidance``, or a scale per sample in ``scales [B]``), two calls per velocity
+        (conditional and null condition), combined as the sampler does; a sample whose condition is dropped
+        gets the null velocity (both calls agree)."""
+        g = self.guidance if scales is None else scales.to(torch.float32)[:, None, None]
+        guided = scales is not None or self.guidance != 1.0  # (no read of the scales from the device)
         with torch.no_grad(), autocast:
             cache = self.model.prepare_condition(cond, batch_size, num_tokens, drop)
             null = None
-            if self.guidance != 1.0:
+            if guided:
                 null = self.model.prepare_condition(None, batch_size, cond.shape[1] if cond is not None else num_tokens)
 
         def one(x, t, c):
@@ -155,7 +158,7 @@ class Teacher:
             if null is None:
                 return v
             vu = one(x, t, null)
-            return vu + self.guidance * (v - vu)
+            return vu + g * (v - vu)
 
         return field
 
@@ -178,6 +181,9 @@ def load_teacher(cfg: TrainConfig, data_cfg: dict, device: torch.device) -> Teac
     if cfg.distill_guidance != 1.0 and m.cond_dropout == 0:
         wrong.append(f"--distill_guidance {cfg.distill_guidance:g} needs a teacher trained with --cond_dropout > 0 "
                      "(it has no unconditional prediction to guide with)")
+    if cfg.distill_guidance_scales and m.cond_dropout == 0:
+        wrong.append(f"--distill_guidance_scales {cfg.distill_guidance_scales} needs a teacher trained with "
+                     "--cond_dropout > 0 (it has no unconditional prediction to guide with)")
     if den.path != "sphere":
         wrong.append(f"path {den.path} (flow maps jump on the sphere)")
     if wrong:
@@ -282,6 +288,7 @@ def build(cfg: TrainConfig) -> Run:
         zero_init_output=cfg.prediction_type == "velocity", hidden_size=cfg.hidden_size or None,
         depth=cfg.depth or None, num_heads=cfg.num_heads or None,
         num_kv_heads=cfg.num_kv_heads or None, flow_map=cfg.flow_map_share > 0, head_width=cfg.head_width,
+        guidance_input=bool(cfg.guidance_scales()),
         head_depth=cfg.head_depth,
     )
     if cfg.learning_rate == 0:  # resolved here, so the run's config, resume and logs carry the number
@@ -305,7 +312,7 @@ def build(cfg: TrainConfig) -> Run:
     sampler = stream = None
     workers = resolve_workers(cfg.num_workers, device)
     noise = NoiseCollate(cfg.flow_config(), cfg.seed, cfg.cond_dropout, flow_map_share=cfg.flow_map_share,
-                         flow_map_min_step=cfg.flow_map_min_step)
+                         flow_map_min_step=cfg.flow_map_min_step, guidance_scales=cfg.guidance_scales())
     if data.stream is not None:  # LitData: whole batches, equal on every rank (drop_last)
         stream = make_stream_loader(data.stream, cfg.batch_size, workers, device, noise)
         micro_per_epoch = len(stream)
@@ -625,10 +632,11 @@ def forward_backward(run: Run, model, batches: list[dict], epoch: int, autocast)
         step_size = None
         if cfg.flow_map_share > 0:
             path, step_size = flow_map_targets(model, path, b["condition"], b.get("drop"), batch["step"], cfg,
-                                               autocast, run.teacher)
+                                               autocast, run.teacher, b.get("guidance"))
         with gradient_sync(model, cfg.fsdp, sync=k == accum - 1):
             with autocast:
-                pred = model(path.x_t, path.t, b["condition"], drop_mask=b.get("drop"), step_size=step_size)
+                extra = {"guidance": b["guidance"]} if "guidance" in b else {}  # only models that take it
+                pred = model(path.x_t, path.t, b["condition"], drop_mask=b.get("drop"), step_size=step_size, **extra)
             loss, parts = flow_loss(pred, path, flow_cfg)
             # A non-finite loss in any micro-batch drops the whole step. The backward pass still runs:
             # under DDP / FSDP every rank must take part in the gradient reduction.
@@ -640,7 +648,7 @@ def forward_backward(run: Run, model, batches: list[dict], epoch: int, autocast)
 
 
 def flow_map_targets(model, path: PathSample, cond, drop, two_d: torch.Tensor, cfg: TrainConfig, autocast,
-                     teacher: Teacher | None = None):
+                     teacher: Teacher | None = None, guidance: torch.Tensor | None = None):
     """The flow-map part of a step (flowmap.py): ``two_d [B]`` is the jump each sample trains (drawn
     with its noise, :func:`flowmap.draw_consistency`; 0: flow matching). For those samples ``u_t`` is
     replaced by the jump target ``w*``, without gradient: two chained jumps of ``d`` of the model itself,
@@ -663,17 +671,20 @@ def flow_map_targets(model, path: PathSample, cond, drop, two_d: torch.Tensor, c
             raw = model(x, t, c, drop_mask=dm, step_size=d)
         return prediction_to_velocity(raw, x, t, cfg.prediction_type, path=cfg.path)
 
-    def rows_field(x, t, d, rows):  # the same, for some of the jump samples
+    gs = guidance[idx_d] if guidance is not None else None  # each jump sample's guidance scale
+
+    def rows_field(x, t, d, rows):  # the same, for some of the jump samples (at their guidance scales)
+        extra = {"guidance": gs[rows]} if gs is not None else {}
         with autocast:
             raw = model(x, t, c[rows] if c is not None else None, drop_mask=dm[rows] if dm is not None else None,
-                        step_size=d)
+                        step_size=d, **extra)
         return prediction_to_velocity(raw, x, t, cfg.prediction_type, path=cfg.path)
 
     x_t, t = path.x_t[idx_d], path.t[idx_d]
     if cfg.flow_map_start == "jumps":  # start where the sampler's own jumps stand, not on the data's path
         x_t = sampler_states(rows_field, path.x0[idx_d], t, two_d[idx_d]).to(path.x_t.dtype)
     if teacher is not None:
-        w = teacher_target(teacher.velocity(c, dm, autocast, x_t.shape[0], x_t.shape[1]), x_t, t, two_d[idx_d],
+        w = teacher_target(teacher.velocity(c, dm, autocast, x_t.shape[0], x_t.shape[1], gs), x_t, t, two_d[idx_d],
                            cfg.distill_steps)
     else:
         w = consistency_target(field, x_t, t, two_d[idx_d], cfg.flow_map_min_step)

@@ -16,6 +16,7 @@ from ..flowmap import draw_consistency
 
 # The condition-dropout draw uses its own generator, seeded apart from the noise's.
 DROPOUT_SALT = 0x5DEECE66D
+GUIDANCE_SALT = 0x9E3779B97F4A7C15  # a jump sample's guidance scale (--distill_guidance_scales)
 
 
 def condition_dropped(seed: int, p: float) -> bool:
@@ -26,15 +27,18 @@ def condition_dropped(seed: int, p: float) -> bool:
 class NoiseCollate:
     """``default_collate`` of ``{"target", "condition", "index"}`` items, plus the draws of each sample:
     ``noise [B, N, D]`` (unit tokens), ``noise_level [B]``, when ``cond_dropout > 0`` ``drop [B]``, and
-    for a flow map (``flow_map_share > 0``) ``step [B]``: the jump each sample trains, 0 for flow matching.
+    for a flow map (``flow_map_share > 0``) ``step [B]``: the jump each sample trains, 0 for flow matching,
+    and with ``guidance_scales`` ``guidance [B]``: each jump sample's scale, drawn from them (1 for the rest).
 
     Set :attr:`epoch` before the loader creates its iterator: worker processes take a copy then.
     """
 
     def __init__(self, flow: FlowConfig, seed: int, cond_dropout: float = 0.0, epoch: int = 0,
-                 flow_map_share: float = 0.0, flow_map_min_step: float = 1 / 128):
+                 flow_map_share: float = 0.0, flow_map_min_step: float = 1 / 128,
+                 guidance_scales: tuple[float, ...] = ()):
         self.flow, self.seed, self.cond_dropout, self.epoch = flow, seed, cond_dropout, epoch
         self.flow_map_share, self.flow_map_min_step = flow_map_share, flow_map_min_step
+        self.guidance_scales = tuple(guidance_scales)
 
     def __call__(self, items: list[dict]) -> dict:
         batch = default_collate(items)
@@ -51,4 +55,8 @@ class NoiseCollate:
             jump = two_d > 0
             batch["noise_level"] = torch.where(jump, 1.0 - t, batch["noise_level"]).to(batch["noise_level"].dtype)
             batch["step"] = two_d
+            if self.guidance_scales:  # each jump sample's guidance scale (1 for flow matching)
+                g = [self.guidance_scales[int(torch.randint(len(self.guidance_scales), (1,), generator=torch.Generator()
+                                                            .manual_seed(s ^ GUIDANCE_SALT)))] for s in seeds]
+                batch["guidance"] = torch.where(jump, torch.tensor(g, dtype=torch.float32), 1.0)
         return batch
