@@ -42,6 +42,18 @@ def losses(out):
     return [json.loads(l)["loss"] for l in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
 
 
+def assert_same_training(one, other, steps=6):
+    """Two runs took the same steps: equal losses (to 1e-4 relative) and final weights (to 1e-5)."""
+    a, b = losses(one), losses(other)
+    assert len(a) == len(b) == steps
+    for x, y in zip(a, b):
+        assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
+    wa = load_file(str(Path(one) / "final" / "model.safetensors"))
+    wb = load_file(str(Path(other) / "final" / "model.safetensors"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
 @pytest.fixture
 def two_sets(tmp_path):
     data, held = tmp_path / "data", tmp_path / "held"
@@ -61,14 +73,7 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, two_sets):
     # an FSDP run stopped at step 3 and resumed to step 6
     run(common + ["--output_dir", str(tmp_path / "fsdp"), "--batch_size", "4", "--max_steps", "6", "--fsdp",
                   "--eval_every_n_steps", "3"], nproc=2)
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
-    assert len(a) == len(b) == 6
-    for x, y in zip(a, b):
-        assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
-    wa = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert_same_training(tmp_path / "one", tmp_path / "fsdp")
     # an FSDP run of 3 steps, resumed from its checkpoint to 6 steps: the same end point
     part = tmp_path / "part"
     run(common + ["--output_dir", str(part), "--batch_size", "4", "--max_steps", "3", "--fsdp"], nproc=2)
@@ -77,6 +82,7 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, two_sets):
     assert "resumed from" in r.stdout
     assert [json.loads(l)["step"] for l in (part / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in l] == [1, 2, 3, 4, 5, 6]
+    wb = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
     wc = load_file(str(part / "final" / "model.safetensors"))
     for k in wb:
         assert torch.allclose(wb[k], wc[k], atol=1e-6), k
@@ -95,14 +101,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     run(common + ["--output_dir", str(tmp_path / "one"), "--batch_size", "4", "--gradient_accumulation_steps", "2"])
     run(common + ["--output_dir", str(tmp_path / "two"), "--batch_size", "2", "--gradient_accumulation_steps", "2"],
         nproc=2)
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 6
-    for x, y in zip(a, b):
-        assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
-    wa = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert_same_training(tmp_path / "one", tmp_path / "two")
     # only rank 0 wrote outputs; there is exactly one final checkpoint
     assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step_00000006"]
 
@@ -164,10 +163,4 @@ def test_flow_map_training_with_two_processes_matches_one(tmp_path, two_sets, te
                        "2"])
     run(common + fm + ["--output_dir", str(tmp_path / "two"), "--batch_size", "2", "--gradient_accumulation_steps",
                        "2"], nproc=2)
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 6
-    for x, y in zip(a, b):
-        assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
-    wa = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert_same_training(tmp_path / "one", tmp_path / "two")

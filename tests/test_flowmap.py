@@ -199,14 +199,17 @@ def train_toy(share, steps=800, seed=0, teacher=None):
     return net
 
 
+def jump_error(net, x0, calls):
+    """Mean angle (rad) between ``calls`` jumps of ``net`` from ``x0`` over [0, 1] and the exact rotation."""
+    exact = rotate(x0.double(), torch.full(x0.shape[:-1], OMEGA, dtype=torch.float64)).float()
+    with torch.no_grad():
+        fn = lambda x, t, d=None: S.project_tangent(x, net(x, t, step_size=d))  # noqa: E731
+        return float(torch.arccos((integrate(fn, x0, 0.0, calls, "jump") * exact).sum(-1).clamp(-1, 1)).mean())
+
+
 def test_training_on_a_toy_makes_one_jump_land_where_the_flow_goes():
     x0 = points(256, seed=99).float()
-    exact = rotate(x0.double(), torch.full(x0.shape[:-1], OMEGA, dtype=torch.float64)).float()
-
-    def err(net, calls):
-        with torch.no_grad():
-            fn = lambda x, t, d=None: S.project_tangent(x, net(x, t, step_size=d))  # noqa: E731
-            return float(torch.arccos((integrate(fn, x0, 0.0, calls, "jump") * exact).sum(-1).clamp(-1, 1)).mean())
+    err = lambda net, calls: jump_error(net, x0, calls)  # noqa: E731
 
     fm, plain = train_toy(0.5), train_toy(0.0, steps=400)
     # one and two jumps of the flow map against the velocity model's output read as jumps (measured: 1000
@@ -280,12 +283,7 @@ def test_distilling_an_exact_teacher_beats_self_consistency_on_a_toy():
     jumps of the model itself. Distillation must beat the velocity read as jumps, and self-consistency at 2 and
     4 calls (every jump size is tied to the flow, so the error of small jumps is not passed up)."""
     x0 = points(256, seed=99).float()
-    exact = rotate(x0.double(), torch.full(x0.shape[:-1], OMEGA, dtype=torch.float64)).float()
-
-    def err(net, calls):
-        with torch.no_grad():
-            fn = lambda x, t, d=None: S.project_tangent(x, net(x, t, step_size=d))  # noqa: E731
-            return float(torch.arccos((integrate(fn, x0, 0.0, calls, "jump") * exact).sum(-1).clamp(-1, 1)).mean())
+    err = lambda net, calls: jump_error(net, x0, calls)  # noqa: E731
 
     teacher = Teacher(RotationTeacher(), "velocity", 1e-2)
     distilled, shortcut = train_toy(0.5, steps=400, teacher=teacher), train_toy(0.5, steps=400)

@@ -455,12 +455,8 @@ class UniversalDiT(nn.Module):
                 raise ValueError("this model takes no guidance scale as input (distil one with "
                                  "--distill_guidance_scales)")
             return 0.0
-        g = (guidance.expand(b) if guidance.dim() == 0 else guidance).to(device)
         # features of g / 10: scales 0-10 map to the timestep range [0, 1]
-        feats = timestep_features(torch.cat([g, torch.ones(1, device=device)]) / 10, self.t_freq_dim,
-                                  self.cfg.time_scale)
-        e = self.guidance_embed(feats.to(self.guidance_embed[0].weight.dtype))
-        return e[:-1] - e[-1:]
+        return self._offset_embedding(self.guidance_embed, guidance, 1.0, b, device, divisor=10.0)
 
     def step_embedding(self, step_size: torch.Tensor | None, b: int, device) -> torch.Tensor | float:
         """``e(d) - e(0)`` ``[B, H]``: exactly 0 at ``d = 0``, so the instantaneous velocity is the same
@@ -472,7 +468,14 @@ class UniversalDiT(nn.Module):
                 raise ValueError("this model was trained without flow maps: it takes no step size "
                                  "(train or fine-tune with --flow_map_share > 0)")
             return 0.0
-        d = (step_size.expand(b) if step_size.dim() == 0 else step_size).to(device)
-        feats = timestep_features(torch.cat([d, torch.zeros(1, device=device)]), self.t_freq_dim, self.cfg.time_scale)
-        e = self.step_embed(feats.to(self.step_embed[0].weight.dtype))
+        return self._offset_embedding(self.step_embed, step_size, 0.0, b, device)
+
+    def _offset_embedding(self, embed: nn.Module, values: torch.Tensor, neutral: float, b: int, device,
+                          divisor: float = 1.0) -> torch.Tensor:
+        """``embed(f(v)) - embed(f(neutral))`` ``[B, H]`` for sinusoidal features ``f`` of ``v / divisor``: exactly
+        zero where ``v`` is the neutral value, in one pass of the embedding."""
+        v = (values.expand(b) if values.dim() == 0 else values).to(device)
+        v = torch.cat([v, torch.full((1,), neutral, device=device, dtype=v.dtype)])
+        feats = timestep_features(v / divisor if divisor != 1.0 else v, self.t_freq_dim, self.cfg.time_scale)
+        e = embed(feats.to(embed[0].weight.dtype))
         return e[:-1] - e[-1:]
